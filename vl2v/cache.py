@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vl2v import __version__
-from vl2v.data import DatasetIndex
+from vl2v.data import DatasetIndex, scan_dataset
 from vl2v.runtime import UserError, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -140,8 +140,11 @@ def read_manifest(cache_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not {"complete", "dataset", "provenance"} <= manifest.keys():
+            raise ValueError("not a vl2v cache manifest")
+        return manifest
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or the wrong shape
         raise UserError(f"Corrupt cache manifest {path}: {e}. Delete it and re-run `vl2v embed`.") from None
 
 
@@ -198,6 +201,10 @@ def _fix_command(index: DatasetIndex, cache_dir: Path, teacher: str) -> str:
 def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = None) -> Targets:
     """Load a complete cache that matches `index` (and `teacher`, if given) or refuse."""
     cache_dir = Path(cache_dir)
+    if teacher is not None:  # compare the stored form: config and weight paths made absolute
+        from vl2v.teacher import parse_teacher_spec
+
+        teacher = str(parse_teacher_spec(teacher))
     manifest = read_manifest(cache_dir)
     if manifest is None:
         raise UserError(f"No teacher cache at {cache_dir}. Build it with: vl2v embed '{index.root}'" + (f" --teacher '{teacher}'" if teacher else ""))
@@ -211,10 +218,12 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
         raise UserError(f"Cache {cache_dir} is incomplete (an embed run was interrupted or shard parts are missing). Finish it with: {fix}")
     found, failed = match_rows(index, cache_dir)
     if manifest["dataset"]["fingerprint"] != index.fingerprint():
-        missing = sum(1 for i, f in enumerate(index.files) if f.error is None and i not in found)
-        stale = max(manifest["dataset"]["num_files"] - (len(index.files) - missing), 0)
+        missing = [f.path for i, f in enumerate(index.files) if f.error is None and i not in found]
+        cached = {p for shard in list_shards(cache_dir) for p in read_shard_keys(shard)[0]}
+        changed = sum(p in cached for p in missing)  # a changed file's old row is not a removal
+        stale = max(manifest["dataset"]["num_files"] - (len(index.files) - len(missing)) - changed, 0)
         raise UserError(
-            f"Cache {cache_dir} does not match {index.root}: {missing} file(s) new or changed, "
+            f"Cache {cache_dir} does not match {index.root}: {len(missing)} file(s) new or changed, "
             f"{stale} removed since it was built. Update it (only those are embedded): {fix}"
         )
     return _gather(cache_dir, index, found, failed, manifest)
@@ -236,3 +245,13 @@ def _gather(cache_dir: Path, index: DatasetIndex, found: dict, failed: np.ndarra
     valid[list(found)] = True
     valid &= ~failed
     return Targets(torch.from_numpy(image), torch.from_numpy(valid), torch.from_numpy(text["class_embedding"]), text["logit_scale"], manifest)
+
+
+def load_dataset_targets(dataset_root: Path, cache_dir: Path) -> tuple[DatasetIndex, Targets]:
+    """List the dataset (no decoding) and take which of its images are usable from the cache."""
+    index = scan_dataset(dataset_root, check_images=False)
+    targets = load_targets(cache_dir, index)
+    for f, ok in zip(index.files, targets.valid.tolist()):
+        if not ok and f.error is None:
+            f.error = "unreadable (found when embedding)"
+    return index, targets

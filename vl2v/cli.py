@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
+from vl2v.config import TrainConfig
 from vl2v.runtime import UserError
 
 app = typer.Typer(
@@ -33,8 +33,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout inst
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Treat unreadable images as an error instead of skipping them.")]
 
 
-def command(fn):
+def command(fn=None, *, name: str | None = None):
     """Register a command whose UserErrors become one red line and exit code 2."""
+    if fn is None:
+        return functools.partial(command, name=name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -44,18 +46,18 @@ def command(fn):
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
-    return app.command()(wrapper)
+    return app.command(name)(wrapper)
 
 
 @app.callback()
 def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING,  # third-party chatter (open_clip, timm) only when it matters
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
         force=True,
     )
-    logging.getLogger("root").setLevel(logging.WARNING)
+    logging.getLogger("vl2v").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @contextlib.contextmanager
@@ -70,14 +72,19 @@ def progress_bar(description: str, unit: str = "img") -> Iterator:
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    bar = Progress(*columns, console=err)
+    task = bar.add_task(description, total=None, rate="")
 
-        def update(done: int, total: int) -> None:
-            speed = bar.tasks[task].speed
-            bar.update(task, completed=done, total=total, rate=f"{speed:,.1f} {unit}/s" if speed else "")
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:  # shown once work starts, so an early error prints alone
+            bar.start()
+        speed = bar.tasks[task].speed
+        bar.update(task, completed=done, total=total, rate=f"{speed:,.1f} {unit}/s" if speed else "")
 
+    try:
         yield update
+    finally:
+        bar.stop()
 
 
 def print_json(obj) -> None:
@@ -187,3 +194,203 @@ def embed(
 
 def main() -> None:
     app()
+
+
+# --- training -------------------------------------------------------------------------------------
+D = TrainConfig()
+
+
+def _opt(help_text: str, *names: str):
+    return typer.Option(*names, help=help_text, show_default=False)
+
+
+# Every training flag defaults to None, meaning "not given": the config file and the dataset's
+# overrides then decide (vl2v.config.resolve_config). Help texts state the effective default.
+Student = Annotated[Optional[str], _opt(f"timm model name or alias (rn50, vitb, vits, deits). [default: {D.student}]")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from timm's pretrained weights. [default: pretrained]", show_default=False)]
+ImageSize = Annotated[Optional[int], _opt("Student input size. [default: the student's pretrained size]")]
+ModelKwargs = Annotated[Optional[list[str]], _opt("Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False.")]
+Lr = Annotated[Optional[float], _opt(f"Adam learning rate. [default: {D.lr}]")]
+WeightDecay = Annotated[Optional[float], _opt(f"Adam weight decay. [default: {D.weight_decay}]")]
+BatchSize = Annotated[Optional[int], _opt(f"Images per training domain per step. [default: {D.batch_size}]")]
+Steps = Annotated[Optional[int], _opt(f"Training steps. [default: {D.steps}; DomainNet 15001]")]
+CheckpointFreq = Annotated[Optional[int], _opt(f"Validate and checkpoint every N steps. [default: {D.checkpoint_freq}; DomainNet 1000]")]
+FreezeBn = Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn", help="Keep BatchNorm layers in eval mode. [default: freeze-bn]", show_default=False)]
+Lmd = Annotated[Optional[float], _opt(f"Weight of the image-embedding term of the loss. [default: {D.lmd}]")]
+Holdout = Annotated[Optional[float], _opt(f"Fraction of each domain held out for validation. [default: {D.holdout}]")]
+TrialSeed = Annotated[Optional[int], _opt(f"DomainBed trial seed (the in/out split). [default: {D.trial_seed}]")]
+Seed = Annotated[Optional[int], _opt(f"Seed of batches and augmentation. [default: {D.seed}]")]
+TestEnv = Annotated[Optional[list[str]], _opt("Held-out domain (repeatable). [default: every domain in turn]", "--test-env")]
+Swad = Annotated[Optional[bool], typer.Option("--swad/--no-swad", help="Average weights over SWAD's loss valley. [default: swad]", show_default=False)]
+Workers = Annotated[Optional[int], _opt(f"Image-decoding worker processes. [default: {D.workers}]")]
+Device = Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N. [default: auto]")]
+Precision = Annotated[Optional[str], _opt("fp32, or fp16 / bf16 autocast on CUDA. [default: fp32]")]
+EvalBatch = Annotated[Optional[int], _opt(f"Images per evaluation batch. [default: {D.eval_batch_size}]")]
+ConfigFile = Annotated[Optional[Path], _opt("JSON file of training settings (below flags, above dataset defaults).", "--config")]
+RunDir = Annotated[Optional[Path], _opt("Run directory. [default: runs/<dataset>/<student>/trial<T>/<stage>]")]
+CacheDir = Annotated[Optional[Path], _opt("Teacher cache folder. [default: ./cache/<dataset>/<teacher>]")]
+Teacher = Annotated[str, typer.Option(help="Teacher whose cache to train from (see `vl2v embed --teacher`).")]
+
+TRAIN_FLAGS = (
+    "student pretrained image_size model_kwargs lr weight_decay batch_size steps checkpoint_freq freeze_bn "
+    "lmd holdout trial_seed seed test_env swad workers device precision eval_batch_size"
+).split()
+
+
+def train_flags(values: dict) -> dict:
+    """The training flags given on the command line, under TrainConfig's names."""
+    flags = {k: values[k] for k in TRAIN_FLAGS}
+    flags["test_envs"] = tuple(flags.pop("test_env")) if flags["test_env"] else None
+    flags["model_kwargs"] = parse_kwargs(flags["model_kwargs"]) if flags["model_kwargs"] else None
+    return flags
+
+
+def parse_kwargs(items: list[str]) -> dict:
+    """KEY=VALUE pairs; values parsed as JSON when they are (numbers, true/false), else strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-kwargs takes KEY=VALUE, not '{item}'.")
+        lowered = {"true": "true", "false": "false"}.get(value.lower(), value)
+        try:
+            out[key] = json.loads(lowered)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def train_progress(description: str):
+    return progress_bar(description, unit="step")
+
+
+def print_results(finals: dict, as_json: bool) -> None:
+    from vl2v.tables import finals_table
+
+    if as_json:
+        print_json(finals)
+    else:
+        out.print(finals_table(finals))
+
+
+@command
+def align(
+    root: DatasetArg,
+    student: Student = None, pretrained: Pretrained = None, image_size: ImageSize = None, model_kwargs: ModelKwargs = None,
+    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
+    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, holdout: Holdout = None,
+    trial_seed: TrialSeed = None, seed: Seed = None, test_env: TestEnv = None, swad: Swad = None, workers: Workers = None,
+    device: Device = None, precision: Precision = None, eval_batch_size: EvalBatch = None,
+    config: ConfigFile = None, run_dir: RunDir = None, cache_dir: CacheDir = None,
+    teacher: Teacher = "ViT-B-16-quickgelu:openai", as_json: JsonOpt = False,
+) -> None:
+    """Stage 1: train the projection onto the teacher's embeddings (featurizer frozen), per held-out domain."""
+    from vl2v import pipeline
+
+    with train_progress("align") as update:
+        run, finals = pipeline.align(root, train_flags(locals()), config, run_dir, cache_dir, teacher, progress=update)
+    print_results(finals, as_json)
+    err.print(f"run directory: {run}")
+
+
+@command
+def distill(
+    from_run: Annotated[Path, typer.Option("--from", help="The Align run directory to start from.")],
+    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
+    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, seed: Seed = None,
+    test_env: TestEnv = None, swad: Swad = None, workers: Workers = None, device: Device = None,
+    precision: Precision = None, eval_batch_size: EvalBatch = None,
+    config: ConfigFile = None, run_dir: RunDir = None, as_json: JsonOpt = False,
+) -> None:
+    """Stage 2: train the featurizer (projection frozen) from each held-out domain's Align model."""
+    from vl2v import pipeline
+
+    flags = {k: v for k, v in locals().items() if k in TRAIN_FLAGS}
+    flags.update(student=None, pretrained=None, image_size=None, model_kwargs=None, holdout=None, trial_seed=None)
+    with train_progress("distill") as update:
+        run, finals = pipeline.distill(from_run, train_flags(flags), config, run_dir, progress=update)
+    print_results(finals, as_json)
+    err.print(f"run directory: {run}")
+
+
+@command
+def run(
+    root: DatasetArg,
+    student: Student = None, pretrained: Pretrained = None, image_size: ImageSize = None, model_kwargs: ModelKwargs = None,
+    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
+    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, holdout: Holdout = None,
+    seed: Seed = None, test_env: TestEnv = None, swad: Swad = None, workers: Workers = None,
+    device: Device = None, precision: Precision = None, eval_batch_size: EvalBatch = None,
+    config: ConfigFile = None, cache_dir: CacheDir = None,
+    teacher: Annotated[str, typer.Option(help="open_clip teacher (see `vl2v embed --teacher`).")] = "ViT-B-16-quickgelu:openai",
+    prompts: Annotated[str, typer.Option(help="Prompt style or template file (see `vl2v embed`).")] = "photo",
+    trials: Annotated[int, typer.Option(help="Trial seeds 0..N-1, for mean ± std.")] = 1,
+    runs_root: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the results table as Markdown.")] = False,
+) -> None:
+    """The whole pipeline: embed (if needed), Align then Distill for every held-out domain, results."""
+    from vl2v import pipeline
+    from vl2v.results import rich_tables
+    from vl2v.results import markdown as to_markdown
+
+    flags = train_flags({**locals(), "trial_seed": None})
+    with progress_bar("pipeline", unit="step") as update:
+        rows = pipeline.run_all(root, flags, config, cache_dir, teacher, prompts, trials, runs_root, progress=update)
+    if as_json:
+        print_json(rows)
+    elif markdown:
+        print(to_markdown(rows))
+    else:
+        for table in rich_tables(rows):
+            out.print(table)
+
+
+@command
+def results(
+    runs_root: Annotated[Path, typer.Argument(help="Folder holding run directories (searched recursively).")] = Path("runs"),
+    metric: Annotated[str, typer.Option(help="test_in_acc (DomainBed: the held-out domain's 'in' split) or test_acc (whole domain).")] = "test_in_acc",
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
+) -> None:
+    """DomainBed-style tables: rows (student, stage, selection), columns the held-out domains and their average."""
+    from vl2v.results import collect, rich_tables
+    from vl2v.results import markdown as to_markdown
+
+    if metric not in ("test_in_acc", "test_acc"):
+        raise UserError(f"--metric must be test_in_acc or test_acc, not '{metric}'.")
+    rows = collect(runs_root, metric)
+    if not rows:
+        raise UserError(f"No finished runs under {runs_root}. Train with `vl2v run` or `vl2v align`.")
+    if as_json:
+        print_json(rows)
+    elif markdown:
+        print(to_markdown(rows))
+    else:
+        for table in rich_tables(rows):
+            out.print(table)
+
+
+@command(name="eval")
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory; with --teacher also a dataset folder.")],
+    data: Annotated[Optional[Path], typer.Option(help="Evaluate on this folder (same classes) instead of the run's dataset.")] = None,
+    teacher: Annotated[bool, typer.Option("--teacher", help="The teacher's zero-shot accuracy from the cache instead.")] = False,
+    cache_dir: CacheDir = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = min(4, os.cpu_count() or 1),
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a run's best and SWAD models on any domain, or the teacher's zero-shot accuracy."""
+    from vl2v import pipeline
+    from vl2v.tables import eval_table, zero_shot_table
+
+    if teacher:
+        accs = pipeline.teacher_accuracy(target, cache_dir)
+        print_json(accs) if as_json else out.print(zero_shot_table(accs))
+        return
+    from vl2v.evaluate import evaluate_run
+
+    with progress_bar("scan") as update:
+        rows = evaluate_run(target, data, device=device, workers=workers, progress=update)
+    print_json(rows) if as_json else out.print(eval_table(rows))

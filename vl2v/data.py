@@ -144,13 +144,14 @@ def _is_hidden(name: str) -> bool:
 def _list_class_dir(class_dir: Path, ignored: dict[str, int]) -> list[Path]:
     """Image files below a class folder, in torchvision ImageFolder's order
     (sorted os.walk roots, then sorted file names)."""
-    found = []
-    for root, dirs, names in sorted(os.walk(class_dir, followlinks=True)):
+    walked = []
+    for root, dirs, names in os.walk(class_dir, followlinks=True):
         hidden_dirs = [d for d in dirs if _is_hidden(d)]
         ignored["hidden"] = ignored.get("hidden", 0) + len(hidden_dirs)
-        dirs[:] = [d for d in dirs if not _is_hidden(d)]
-        if any(_is_hidden(part) for part in Path(root).relative_to(class_dir).parts):
-            continue
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]  # pruned before descending into them
+        walked.append((root, names))
+    found = []
+    for root, names in sorted(walked):  # sorted roots, as sorted(os.walk(...)) in torchvision
         for name in sorted(names):
             if _is_hidden(name):
                 ignored["hidden"] = ignored.get("hidden", 0) + 1
@@ -270,7 +271,9 @@ def load_rgb(path: Path) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
-            scale = 257.0 if arr.max() > 255 else 1.0  # 16-bit range -> 8-bit
+            # 16-bit modes always span 0..65535 (a dark image must stay dark); a 32-bit "I" image
+            # has no fixed range, so it is taken as 16-bit only when it exceeds 8-bit values.
+            scale = 257.0 if im.mode != "I" or arr.max() > 255 else 1.0
             im = Image.fromarray((arr / scale).clip(0, 255).astype(np.uint8))
         if im.mode == "P":
             im = im.convert("RGBA")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from vl2v import runs
+from vl2v.batches import EvalImages
 from vl2v.cache import Targets
-from vl2v.data import DatasetIndex
+from vl2v.data import DatasetIndex, build_eval_transform, scan_dataset
+from vl2v.runtime import Progress, UserError, load_checkpoint, resolve_device
+from vl2v.student import DataConfig, Student, create_featurizer
 
 
 def teacher_zero_shot(targets: Targets, index: DatasetIndex, splits: dict[str, np.ndarray] | None = None) -> dict[str, float]:
@@ -19,3 +25,59 @@ def teacher_zero_shot(targets: Targets, index: DatasetIndex, splits: dict[str, n
         domains = np.array([f.domain for f in index.files])
         splits = {d: np.flatnonzero((domains == i) & valid) for i, d in enumerate(index.domains)}
     return {name: float(correct[rows].float().mean()) if len(rows) else float("nan") for name, rows in splits.items()}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, batches, device: torch.device, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Text-head logits [N, C] (float32, CPU) for image batches [B, 3, H, W] in order."""
+    model.eval()
+    logits = []
+    for images in batches:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(logits)
+
+
+def load_student(run_info: dict, weights: Path, device: torch.device) -> tuple[torch.nn.Module, DataConfig]:
+    """A trained student from its weights file; no download and no teacher: the text head is in it."""
+    cfg = run_info["config"]
+    state = load_checkpoint(weights)
+    featurizer, data_cfg = create_featurizer(cfg["student"], pretrained=False, image_size=cfg["image_size"], **cfg["model_kwargs"])
+    model = Student(featurizer, torch.zeros_like(state["classifier"]), 1.0)
+    model.load_state_dict(state)
+    return model.to(device), data_cfg
+
+
+def evaluate_run(run_dir: Path, dataset_root: Path | None = None, device: str = "auto", batch_size: int = 128, workers: int = 2, progress: Progress | None = None) -> list[dict]:
+    """Accuracy of every finished held-out domain's selected models ("best", "swad") on every domain
+    of the run's dataset, or of another folder with the same classes. Rows: one per model."""
+    info = runs.run_info(run_dir)
+    index = scan_dataset(dataset_root or info["dataset"]["root"], progress=progress)
+    if index.classes != info["dataset"]["classes"]:
+        raise UserError(f"{index.root} has classes {index.classes[:5]}…, the run was trained on {info['dataset']['classes'][:5]}…; they must be the same.")
+    dev = resolve_device(device)
+    labels = torch.tensor([f.label for f in index.files])
+    rows = []
+    for env, held_out in enumerate(info["dataset"]["domains"]):
+        env_path = runs.env_dir(run_dir, env)
+        if runs.read_final(env_path) is None:
+            continue
+        for name in ("best", "swad"):
+            if not (env_path / f"{name}.pt").exists():
+                continue
+            model, data_cfg = load_student(info, env_path / f"{name}.pt", dev)
+            images, good = _eval_images(index, data_cfg, batch_size, workers)
+            correct = predict_logits(model, images, dev).argmax(1) == labels[good]
+            domains = torch.tensor([index.files[i].domain for i in good])
+            accs = {d: float(correct[domains == i].float().mean()) for i, d in enumerate(index.domains) if (domains == i).any()}
+            rows.append({"held_out": held_out, "model": name, "accuracy": accs})
+    if not rows:
+        raise UserError(f"{run_dir} has no finished held-out domain yet; finish it with the command that started it.")
+    return rows
+
+
+def _eval_images(index: DatasetIndex, data_cfg: DataConfig, batch_size: int, workers: int) -> tuple[EvalImages, np.ndarray]:
+    good = index.good
+    transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
+    size = (3, data_cfg.image_size, data_cfg.image_size)
+    return EvalImages(index.root, [f.path for f in index.files], good, transform, size, batch_size, workers), good

@@ -45,9 +45,38 @@ def embed_tables(summary: dict) -> list[Table]:
     paid.add_row(str(summary["embedded"]), str(summary["reused"]), str(summary["failed"]), str(summary["text_queries"]), str(q["images"]), str(q["texts"]))
     tables = [paid]
     if summary["zero_shot"]:
-        zs = Table(title="teacher zero-shot accuracy (%) from the cache")
-        for name in summary["zero_shot"]:
-            zs.add_column(name, justify="right")
-        zs.add_row(*(pct(v) for v in summary["zero_shot"].values()))
-        tables.append(zs)
+        tables.append(zero_shot_table(summary["zero_shot"]))
     return tables
+
+
+def finals_table(finals: dict) -> Table:
+    """A run's result per held-out domain: both selections, DomainBed's split and the whole domain."""
+    table = Table(title="held-out-domain accuracy (%): test 'in' split / whole domain")
+    table.add_column("held-out domain")
+    selections = sorted({s for f in finals.values() for s in f}, reverse=True)
+    for s in selections:
+        table.add_column(s, justify="right")
+    for domain, by_selection in finals.items():
+        cells = [f"{pct(f['test_in_acc'])} / {pct(f['test_acc'])}" if (f := by_selection.get(s)) else "-" for s in selections]
+        table.add_row(domain, *cells)
+    return table
+
+
+def zero_shot_table(accs: dict[str, float]) -> Table:
+    table = Table(title="teacher zero-shot accuracy (%) from the cache")
+    for name in accs:
+        table.add_column(name, justify="right")
+    table.add_row(*(pct(v) for v in accs.values()))
+    return table
+
+
+def eval_table(rows: list[dict]) -> Table:
+    domains = list(dict.fromkeys(d for r in rows for d in r["accuracy"]))
+    table = Table(title="accuracy (%) per domain of the evaluated data")
+    table.add_column("trained without")
+    table.add_column("model")
+    for d in domains:
+        table.add_column(d, justify="right")
+    for r in rows:
+        table.add_row(r["held_out"], r["model"], *(pct(r["accuracy"].get(d, float("nan"))) for d in domains))
+    return table

@@ -1,0 +1,134 @@
+"""Run directories: resolved config and provenance, per-held-out-domain checkpoints and records.
+
+    RUN/config.json            the resolved TrainConfig, dataset, cache, teacher, the run it came from
+    RUN/cache_manifest.json    the manifest of the cache it trained from
+    RUN/env{i}/checkpoint.pt   resume state (model, optimiser, SWAD valley, records), atomic
+    RUN/env{i}/best.pt         model with the best training-domain validation accuracy
+    RUN/env{i}/swad.pt         the SWAD average
+    RUN/env{i}/results.jsonl   one line per validation step, then the final selections
+    RUN/env{i}/done.json       the final selections; its presence means the domain is finished
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vl2v import __version__
+from vl2v.config import TrainConfig
+from vl2v.data import DatasetIndex
+from vl2v.runtime import UserError, atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint
+
+CONFIG = "config.json"
+# Settings that may change between a run and its resumption without changing its results.
+RESUMABLE = {"device", "workers", "eval_batch_size", "test_envs"}
+
+
+def env_dir(run_dir: Path, env: int) -> Path:
+    return Path(run_dir) / f"env{env}"
+
+
+def run_info(run_dir: Path) -> dict:
+    """The config.json of a run directory, or a UserError saying it is not one."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a vl2v run directory (no {CONFIG}). Runs are made by `vl2v align` / `vl2v distill`.")
+    return json.loads(path.read_text())
+
+
+def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Path, manifest: dict, from_run: Path | None) -> None:
+    """Create the run directory, or check that an existing one was made with the same settings."""
+    run_dir = Path(run_dir)
+    info = {
+        "config": cfg.to_json(),
+        "dataset": {"root": str(index.root), "name": index.name, "domains": index.domains, "classes": index.classes, "fingerprint": index.fingerprint()},
+        "cache_dir": str(Path(cache_dir).resolve()),
+        "teacher": manifest["provenance"]["teacher"],
+        "from_run": str(Path(from_run).resolve()) if from_run else None,
+        "vl2v_version": __version__,
+    }
+    if (run_dir / CONFIG).exists():
+        old = run_info(run_dir)
+        diff = _differences(old, info)
+        if diff:
+            raise UserError(f"{run_dir} already holds a run with other settings ({'; '.join(diff[:4])}). Pass another --run-dir, or delete it to start over.")
+    atomic_write_json(run_dir / CONFIG, info)
+    atomic_write_json(run_dir / "cache_manifest.json", manifest)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diff = [f"{k}: {old['config'].get(k)!r} → {v!r}" for k, v in new["config"].items() if k not in RESUMABLE and old["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
+    for key in ("dataset", "teacher", "from_run"):
+        if old.get(key) != new[key]:
+            diff.append(f"{key} differs")
+    return diff
+
+
+def save_state(env_path: Path, model, optimizer, valley, next_step: int, records: list[dict], best: dict | None) -> None:
+    state = {
+        "step": next_step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "valley": valley.state_dict() if valley is not None else {},
+        "records": json.dumps(records),
+        "best": json.dumps(best),
+        "torch_rng": torch.get_rng_state(),
+    }
+    atomic_torch_save(state, env_path / "checkpoint.pt")
+    write_records(env_path, records)
+
+
+def load_state(env_path: Path, model, optimizer, valley) -> dict:
+    """Restore a checkpoint into model, optimiser and valley; returns step, records and best."""
+    path = env_path / "checkpoint.pt"
+    if not path.exists():
+        env_path.mkdir(parents=True, exist_ok=True)
+        return {"step": 0, "records": [], "best": None}
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if valley is not None:
+        valley.load_state_dict(state["valley"], template=model)
+    torch.set_rng_state(state["torch_rng"])
+    return {"step": state["step"], "records": json.loads(state["records"]), "best": json.loads(state["best"])}
+
+
+def write_records(env_path: Path, records: list[dict], finals: list[dict] = ()) -> None:
+    lines = [json.dumps({"kind": "checkpoint", **r}) for r in records] + [json.dumps(f) for f in finals]
+    atomic_write_bytes(env_path / "results.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+def final_record(selection: str, domain: str, env: int, record: dict) -> dict:
+    """The test figures of a selected model: DomainBed's convention (the held-out domain's "in"
+    split) and the whole held-out domain beside it."""
+    return {
+        "kind": "final",
+        "selection": selection,
+        "test_env": env,
+        "test_domain": domain,
+        "step": record["step"],
+        "test_in_acc": record[f"env{env}_in_acc"],
+        "test_acc": record["test_acc"],
+        "tr_outacc": record["tr_outacc"],
+        "tr_outloss": record["tr_outloss"],
+    }
+
+
+def write_final(env_path: Path, records: list[dict], finals: list[dict]) -> dict:
+    write_records(env_path, records, finals)
+    done = {f["selection"]: f for f in finals}
+    atomic_write_json(env_path / "done.json", done)
+    (env_path / "checkpoint.pt").unlink(missing_ok=True)  # resume state is no longer needed
+    return done
+
+
+def read_final(env_path: Path) -> dict | None:
+    path = env_path / "done.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_records(env_path: Path) -> list[dict]:
+    path = env_path / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
