@@ -84,7 +84,8 @@ def progress_bar(description: str, unit: str = "img") -> Iterator:
     try:
         yield update
     finally:
-        bar.stop()
+        if bar.live.is_started:
+            bar.stop()
 
 
 def print_json(obj) -> None:
