@@ -41,6 +41,12 @@ def shard_name(k: int, part: tuple[int, int] = (1, 1)) -> str:
     return f"images-{k:05d}.h5" if n == 1 else f"images-p{i}of{n}-{k:05d}.h5"
 
 
+def tmp_pattern(part: tuple[int, int]) -> str:
+    """Glob of the temporary files of one part's shards (and only that part's)."""
+    i, n = part
+    return ".images-[0-9]*.h5.tmp" if n == 1 else f".images-p{i}of{n}-*.h5.tmp"
+
+
 def list_shards(cache_dir: Path) -> list[Path]:
     return sorted(p for p in Path(cache_dir).glob("images-*.h5") if SHARD_RE.match(p.name))
 
@@ -213,7 +219,12 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
     if teacher is not None and built_with != teacher:
         raise UserError(f"Cache {cache_dir} was built with teacher {built_with}, not {teacher}. Run: {_fix_command(index, cache_dir, teacher)}")
     if manifest["dataset"]["classes"] != index.classes:
-        raise UserError(f"Cache {cache_dir} was built for other classes ({len(manifest['dataset']['classes'])} vs {len(index.classes)} in {index.root}). Run: {fix}")
+        theirs, ours = manifest["dataset"]["classes"], index.classes
+        first = next((f"'{a}' vs '{b}'" for a, b in zip(theirs, ours) if a != b), f"{len(theirs)} vs {len(ours)} classes")
+        raise UserError(
+            f"Cache {cache_dir} was built for other classes than {index.root} ({first}). Pass this "
+            f"dataset's cache with --cache-dir, or build one: vl2v embed '{index.root}' --cache-dir NEW_FOLDER"
+        )
     if not manifest["complete"]:
         raise UserError(f"Cache {cache_dir} is incomplete (an embed run was interrupted or shard parts are missing). Finish it with: {fix}")
     found, failed = match_rows(index, cache_dir)

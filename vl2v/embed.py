@@ -68,7 +68,7 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
     cache_dir.mkdir(parents=True, exist_ok=True)
     _check_provenance(cache_dir, spec)
     part = cfg.shard
-    for stale in cache_dir.glob(f".{cache.shard_name(0, part)[:-8]}*.tmp"):
+    for stale in cache_dir.glob(cache.tmp_pattern(part)):
         stale.unlink()  # a shard a killed run of this part left half-written
     templates = load_templates(cfg.prompts)
     found, failed = cache.match_rows(index, cache_dir)
@@ -127,7 +127,8 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: Teacher, pendin
 def _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries, failed) -> EmbedReport:
     """Write the manifest; it is complete once every part's images and the text are in."""
     found_now, failed_now = cache.match_rows(index, cache_dir)
-    complete = all(int(r) in found_now for r in index.good) and cache.read_text(cache_dir) is not None
+    text = cache.read_text(cache_dir)
+    complete = all(int(r) in found_now for r in index.good) and text is not None and text["classes"] == index.classnames
     provenance = _provenance(teacher, templates, cfg) if teacher else cache.read_manifest(cache_dir)["provenance"]
     queries = cache.count_queries(cache_dir)
     cache.write_manifest(cache_dir, index, provenance, complete=complete, queries=queries)

@@ -23,7 +23,8 @@ def teacher_zero_shot(targets: Targets, index: DatasetIndex, splits: dict[str, n
     valid = targets.valid.numpy()
     if splits is None:
         domains = np.array([f.domain for f in index.files])
-        splits = {d: np.flatnonzero((domains == i) & valid) for i, d in enumerate(index.domains)}
+        splits = {d: np.flatnonzero(domains == i) for i, d in enumerate(index.domains)}
+    splits = {name: rows[valid[rows]] for name, rows in splits.items()}  # never-embedded rows are zeros
     return {name: float(correct[rows].float().mean()) if len(rows) else float("nan") for name, rows in splits.items()}
 
 
