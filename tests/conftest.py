@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+
+# One thread per process: on a small machine, several busy OpenMP threads per test process (and
+# the subprocesses some tests start) slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "randomly initialised" notice
 
 TINY_CLIP = {

@@ -53,7 +53,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     import torch
-    torch.set_num_threads(2)  # as conftest: the same arithmetic as the test process
+    torch.set_num_threads(1)  # as conftest: the same arithmetic as the test process
     from vl2v.data import scan_dataset
     from vl2v.embed import EmbedConfig, embed_dataset
     from vl2v.teacher import Teacher

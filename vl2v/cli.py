@@ -168,22 +168,22 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / bf16 autocast on CUDA.")] = "fp32",
     store_dtype: Annotated[str, typer.Option(help="Storage of image embeddings: fp16 or fp32.")] = "fp16",
-    shard: Annotated[str, typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines.")] = "1/1",
+    shard: Annotated[Optional[str], typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines. [default: all; under torchrun, one part per process]", show_default=False)] = None,
     shard_size: Annotated[int, typer.Option(help="Images per HDF5 shard.")] = 8192,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the teacher once over every image and class prompt into the HDF5 cache (resumable)."""
     from vl2v.cache import load_targets
-    from vl2v.embed import EmbedConfig, embed_dataset
+    from vl2v.embed import EmbedConfig, embed_all_parts, embed_dataset
     from vl2v.evaluate import teacher_zero_shot
     from vl2v.tables import embed_tables
 
-    cfg = EmbedConfig(teacher, prompts, batch_size, workers, device, precision, store_dtype, shard_size, parse_shard(shard))
+    cfg = EmbedConfig(teacher, prompts, batch_size, workers, device, precision, store_dtype, shard_size, parse_shard(shard or "1/1"))
     index = scan(root, strict)
     cache_dir = cache_dir or default_cache_dir(index, teacher)
     with progress_bar(f"embed {index.name}") as update:
-        report = embed_dataset(index, cache_dir, cfg, progress=update)
+        report = (embed_dataset if shard else embed_all_parts)(index, cache_dir, cfg, progress=update)
     zero_shot = teacher_zero_shot(load_targets(cache_dir, index), index) if report.complete else {}
     summary = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}, "zero_shot": zero_shot}
     if as_json:
@@ -395,3 +395,32 @@ def evaluate(
     with progress_bar("scan") as update:
         rows = evaluate_run(target, data, device=device, workers=workers, progress=update)
     print_json(rows) if as_json else out.print(eval_table(rows))
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+@command
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo's data, teacher and runs go.")] = Path("demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run (few images and steps) to check the wiring.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The built-in default: offline Digits-DG, a small CLIP teacher of our own, Align, Distill, SWAD, report."""
+    from vl2v.demo.report import plain_summary
+    from vl2v.demo.run import QUICK, DemoConfig, run_demo
+    from vl2v.results import rich_tables
+    from vl2v.tables import zero_shot_table
+
+    cfg = DemoConfig(workdir=workdir, **(QUICK if quick else {}))
+    with progress_bar("demo") as update:
+        summary = run_demo(cfg, progress=update)
+    if as_json:
+        print_json(summary)
+        return
+    out.print(zero_shot_table(summary["teacher_zero_shot"]))
+    for table in rich_tables(summary["results"]):
+        out.print(table)
+    for line in plain_summary(summary):
+        out.print(f"• {line}", highlight=False)
+    out.print(f"Figure: {summary['figure']}\nReport: {summary['report']}")

@@ -44,6 +44,7 @@ class TrainConfig:
     eval_batch_size: int = 128
 
     def __post_init__(self):
+        _check_types(self)
         if self.stage not in STAGES:
             raise UserError(f"Unknown stage '{self.stage}'; choose {' or '.join(STAGES)}.")
         positive = {"steps": self.steps, "checkpoint_freq": self.checkpoint_freq, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
@@ -61,6 +62,25 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_TYPES = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float)),
+          str: ("a string", (str,)), dict: ("a JSON object", (dict,)), tuple: ("a list of domain names", (list, tuple))}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Settings from a JSON file or the API have the type of their default (None allowed for image_size)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = int if f.name == "image_size" else type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if f.name == "image_size" and value is None:
+            continue
+        what, allowed = _TYPES[kind]
+        ok = isinstance(value, allowed) and (kind is bool or not isinstance(value, bool))
+        if ok and kind is tuple:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise UserError(f"Setting '{f.name}' must be {what}, not {value!r}.")
+        if kind is float:
+            object.__setattr__(cfg, f.name, float(value))
 
 
 def dataset_overrides(info: DomainBedInfo | None) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from vl2v import cache
 from vl2v.data import DatasetIndex, ImageDataset
-from vl2v.runtime import Progress, UserError, autocast_dtype, resolve_device
+from vl2v.runtime import Progress, UserError, autocast_dtype, barrier, launch, resolve_device
 from vl2v.teacher import DEFAULT_TEACHER, Teacher, build_text_embeddings, create_teacher, load_templates, parse_teacher_spec
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,17 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
         text_queries = len(index.classnames) * len(templates)
     n_failed = _embed_images(index, cache_dir, teacher, pending, cfg, progress) if pending else 0
     return _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries, failed)
+
+
+def embed_all_parts(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progress: Progress | None = None) -> EmbedReport:
+    """`embed_dataset`; under torchrun, each process embeds part RANK+1 of WORLD_SIZE, then, once
+    all are done, every process completes the manifest (nothing is left to embed by then)."""
+    me = launch()
+    if not me.distributed:
+        return embed_dataset(index, cache_dir, cfg, progress)
+    mine = embed_dataset(index, cache_dir, replace(cfg, shard=(me.rank + 1, me.world_size)), progress)
+    barrier()
+    return replace(embed_dataset(index, cache_dir, replace(cfg, shard=(1, 1))), embedded=mine.embedded, text_queries=mine.text_queries)
 
 
 def _provenance(teacher: Teacher, templates: list[str], cfg: EmbedConfig) -> dict:

@@ -10,7 +10,7 @@ from vl2v import runs
 from vl2v.cache import default_cache_dir, load_dataset_targets, read_manifest
 from vl2v.config import resolve_config
 from vl2v.data import domainbed_info, scan_dataset
-from vl2v.embed import EmbedConfig, embed_dataset
+from vl2v.embed import EmbedConfig, embed_all_parts
 from vl2v.evaluate import teacher_zero_shot
 from vl2v.results import collect
 from vl2v.runtime import Progress, UserError
@@ -71,8 +71,9 @@ def run_all(root: Path, flags: dict, config_file: Path | None, cache_dir: Path |
         raise UserError(f"--trials must be ≥ 1, not {trials}.")
     index = scan_dataset(root, progress=progress)
     cache_dir = cache_dir or teacher_cache_dir(index.name, teacher)
-    embed_cfg = EmbedConfig(teacher=teacher, prompts=prompts, device=flags.get("device") or "auto", workers=flags.get("workers") or EmbedConfig.workers)
-    embed_dataset(index, cache_dir, embed_cfg, progress=progress)
+    workers = flags.get("workers")  # 0 (decode in this process) is a choice, not "not given"
+    embed_cfg = EmbedConfig(teacher=teacher, prompts=prompts, device=flags.get("device") or "auto", workers=EmbedConfig.workers if workers is None else workers)
+    embed_all_parts(index, cache_dir, embed_cfg, progress=progress)
     student = None
     for trial in range(trials):
         align_dir, _ = align(index.root, {**flags, "trial_seed": trial}, config_file, None, cache_dir, teacher, progress, runs_root)

@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,43 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, flag, cache). The CLI prints it in one line, exit 2."""
 
 
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launch() -> Launch:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    env = os.environ
+    return Launch(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def barrier() -> None:
+    """Wait for every torchrun process (a no-op in a single process)."""
+    if not launch().distributed:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # a barrier needs no GPU collectives
+    dist.barrier()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda`, `cuda:N` are taken as given."""
+    """`auto` picks CUDA when present (under torchrun, the GPU of this local rank), else CPU;
+    `cpu`, `cuda`, `cuda:N` are taken as given."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", launch().local_rank % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:

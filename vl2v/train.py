@@ -16,11 +16,11 @@ from vl2v import runs
 from vl2v.batches import EvalImages, StepBatches, step_loader
 from vl2v.cache import Targets, load_dataset_targets
 from vl2v.config import TrainConfig
-from vl2v.data import DatasetIndex, all_splits, build_eval_transform, build_train_transform
+from vl2v.data import DatasetIndex, all_splits, build_eval_transform, build_train_transform, seed_hash
 from vl2v.evaluate import predict_logits
 from vl2v.losses import adip_loss
-from vl2v.runtime import Progress, UserError, atomic_torch_save, autocast_dtype, load_checkpoint, resolve_device
-from vl2v.student import DataConfig, Student, create_student
+from vl2v.runtime import Progress, UserError, atomic_torch_save, autocast_dtype, barrier, launch, load_checkpoint, resolve_device, seed_everything
+from vl2v.student import DataConfig, Student, create_featurizer, create_student
 from vl2v.swad import LossValley
 
 log = logging.getLogger(__name__)
@@ -48,21 +48,26 @@ def train_run(dataset_root: Path, cache_dir: Path, cfg: TrainConfig, run_dir: Pa
     Returns the run's final records per held-out domain."""
     index, targets = load_dataset_targets(dataset_root, cache_dir)
     test_envs = [index.domain_index(d) for d in cfg.test_envs] or list(range(len(index.domains)))
-    runs.prepare(run_dir, cfg, index, cache_dir, targets.manifest, from_run)
+    # Check what can fail before the run directory is made, so the corrected command is not refused.
+    create_featurizer(cfg.student, pretrained=False, image_size=cfg.image_size, **cfg.model_kwargs)
     device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    runs.prepare(run_dir, cfg, index, cache_dir, targets.manifest, from_run)
     labels = torch.tensor([f.label for f in index.files])
-    ctx = Context(cfg, run_dir, index, targets, all_splits(index, cfg.trial_seed, cfg.holdout), labels, device, autocast_dtype(cfg.precision, device), from_run)
-    finals = {}
-    for env in test_envs:
-        env_dir = runs.env_dir(run_dir, env)
-        finals[index.domains[env]] = runs.read_final(env_dir) or train_env(ctx, env, progress)
-    return finals
+    ctx = Context(cfg, run_dir, index, targets, all_splits(index, cfg.trial_seed, cfg.holdout), labels, device, amp, from_run)
+    me = launch()  # under torchrun, the held-out domains are shared out between the processes
+    for env in test_envs[me.rank :: me.world_size]:
+        if runs.read_final(runs.env_dir(run_dir, env)) is None:
+            train_env(ctx, env, progress)
+    barrier()
+    return {index.domains[env]: runs.read_final(runs.env_dir(run_dir, env)) for env in test_envs}
 
 
 def build_model(ctx: Context, env: int) -> Student:
     """The student of a held-out domain with what its stage freezes; Distill loads its Align model."""
     cfg = ctx.cfg
     distill = cfg.stage == "distill"
+    seed_everything(seed_hash(cfg.seed, env))  # initial weights: a function of (seed, held-out domain) alone
     model, data_cfg = create_student(
         cfg.student, ctx.targets.text, ctx.targets.logit_scale, pretrained=cfg.pretrained and not distill, image_size=cfg.image_size, **cfg.model_kwargs
     )
