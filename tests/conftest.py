@@ -51,16 +51,40 @@ def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "toy")
 
 
-@pytest.fixture
-def tiny_teacher(tmp_path: Path) -> str:
-    """A `--teacher` spec for a random-weight tiny CLIP with saved weights."""
+def write_tiny_teacher(folder: Path) -> str:
+    """A random-weight tiny CLIP config and its saved weights in `folder`; returns the `--teacher` spec."""
     import open_clip
 
-    config = tmp_path / "tiny-clip.json"
+    config = folder / "tiny-clip.json"
     config.write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(config)
     torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip")
-    weights = tmp_path / "tiny-clip.pt"
-    torch.save(model.state_dict(), weights)
+    weights = folder / "tiny-clip.pt"
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), weights)
     return f"{config}:{weights}"
+
+
+def make_cached_toy(folder: Path, per_class: int) -> tuple[Path, Path]:
+    """A toy dataset and its tiny-teacher cache in `folder`: (dataset root, cache folder)."""
+    from vl2v.data import scan_dataset
+    from vl2v.embed import EmbedConfig, embed_dataset
+
+    root = make_dataset(folder / "toy", per_class=per_class)
+    cache = folder / "cache"
+    embed_dataset(scan_dataset(root), cache, EmbedConfig(teacher=write_tiny_teacher(folder), workers=0, device="cpu", batch_size=32))
+    return root, cache
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path: Path) -> str:
+    return write_tiny_teacher(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI's callback reconfigures the root logger (basicConfig(force=True)); undo it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-import pytest
 from conftest import make_dataset, make_image
 from typer.testing import CliRunner
 
 from vl2v.cli import app
 from vl2v.data import scan_dataset, split_domain
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI's callback reconfigures the root logger (basicConfig(force=True)); undo it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run(*args: str):

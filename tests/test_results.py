@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from vl2v.runtime import UserError
 
 TDV, SWAD = "training-domain validation", "SWAD"
 DOMAINS = ["art", "photo", "sketch"]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write_run(run_dir: Path, stage: str, finals: dict[int, dict[str, float]], *, student="vits", dataset="Toy", domains=DOMAINS, test_acc_offset=0.0) -> Path:

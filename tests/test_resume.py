@@ -11,17 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
-from conftest import TINY_CLIP, make_dataset
+from conftest import make_cached_toy
 from typer.testing import CliRunner
 
 import vl2v.train
 from vl2v import runs
 from vl2v.cli import app
-from vl2v.data import scan_dataset
-from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.runtime import load_checkpoint
 
 ENVS = ("art", "photo")  # two held-out domains: the resumed run also has a domain still to start
@@ -29,28 +26,10 @@ STEPS, FREQ = 15, 3
 CHECKPOINTS = 6  # steps 0, 3, 6, 9, 12, and the last step, 14
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI's callback reconfigures the root logger (basicConfig(force=True)); undo it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    root = make_dataset(tmp / "toy", per_class=5)
-    config = tmp / "tiny-clip.json"
-    config.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    weights = tmp / "tiny-clip.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), weights)
-    cache = tmp / "cache"
-    embed_dataset(scan_dataset(root), cache, EmbedConfig(teacher=f"{config}:{weights}", workers=0, device="cpu", batch_size=32))
+    root, cache = make_cached_toy(tmp, per_class=5)
     return tmp, root, cache
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import TINY_CLIP, make_dataset
+
+from conftest import make_cached_toy
 
 import vl2v.embed
 import vl2v.teacher
@@ -18,8 +19,7 @@ from vl2v import pipeline, runs
 from vl2v.batches import StepBatches, step_loader
 from vl2v.cache import load_dataset_targets
 from vl2v.config import TrainConfig
-from vl2v.data import all_splits, build_eval_transform, load_rgb, scan_dataset
-from vl2v.embed import EmbedConfig, embed_dataset
+from vl2v.data import all_splits, build_eval_transform, load_rgb
 from vl2v.runtime import load_checkpoint
 from vl2v.student import DataConfig
 from vl2v.train import Context, prepare_data
@@ -32,15 +32,7 @@ STRIP = ("step_time",)
 def setup(tmp_path_factory):
     """A small dataset (3 domains × 3 classes × 6 images) and its tiny-teacher cache."""
     tmp = tmp_path_factory.mktemp("train")
-    root = make_dataset(tmp / "toy", per_class=6)
-    config = tmp / "tiny-clip.json"
-    config.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    weights = tmp / "tiny-clip.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), weights)
-    cache = tmp / "cache"
-    embed_dataset(scan_dataset(root), cache, EmbedConfig(teacher=f"{config}:{weights}", workers=0, device="cpu", batch_size=32))
+    root, cache = make_cached_toy(tmp, per_class=6)
     return tmp, root, cache
 
 

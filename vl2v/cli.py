@@ -265,6 +265,19 @@ def train_progress(description: str):
     return progress_bar(description, unit="step")
 
 
+def print_rows(rows: list[dict], as_json: bool, markdown: bool) -> None:
+    """Result rows of vl2v.results as JSON, Markdown or rich tables."""
+    from vl2v import results
+
+    if as_json:
+        print_json(rows)
+    elif markdown:
+        print(results.markdown(rows))
+    else:
+        for table in results.rich_tables(rows):
+            out.print(table)
+
+
 def print_results(finals: dict, as_json: bool) -> None:
     from vl2v.tables import finals_table
 
@@ -332,19 +345,11 @@ def run(
 ) -> None:
     """The whole pipeline: embed (if needed), Align then Distill for every held-out domain, results."""
     from vl2v import pipeline
-    from vl2v.results import rich_tables
-    from vl2v.results import markdown as to_markdown
 
     flags = train_flags({**locals(), "trial_seed": None})
     with progress_bar("pipeline", unit="step") as update:
         rows = pipeline.run_all(root, flags, config, cache_dir, teacher, prompts, trials, runs_root, progress=update)
-    if as_json:
-        print_json(rows)
-    elif markdown:
-        print(to_markdown(rows))
-    else:
-        for table in rich_tables(rows):
-            out.print(table)
+    print_rows(rows, as_json, markdown)
 
 
 @command
@@ -355,21 +360,14 @@ def results(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
 ) -> None:
     """DomainBed-style tables: rows (student, stage, selection), columns the held-out domains and their average."""
-    from vl2v.results import collect, rich_tables
-    from vl2v.results import markdown as to_markdown
+    from vl2v.results import collect
 
     if metric not in ("test_in_acc", "test_acc"):
         raise UserError(f"--metric must be test_in_acc or test_acc, not '{metric}'.")
     rows = collect(runs_root, metric)
     if not rows:
         raise UserError(f"No finished runs under {runs_root}. Train with `vl2v run` or `vl2v align`.")
-    if as_json:
-        print_json(rows)
-    elif markdown:
-        print(to_markdown(rows))
-    else:
-        for table in rich_tables(rows):
-            out.print(table)
+    print_rows(rows, as_json, markdown)
 
 
 @command(name="eval")
@@ -409,7 +407,6 @@ def demo(
     """The built-in default: offline Digits-DG, a small CLIP teacher of our own, Align, Distill, SWAD, report."""
     from vl2v.demo.report import plain_summary
     from vl2v.demo.run import QUICK, DemoConfig, run_demo
-    from vl2v.results import rich_tables
     from vl2v.tables import zero_shot_table
 
     cfg = DemoConfig(workdir=workdir, **(QUICK if quick else {}))
@@ -419,8 +416,7 @@ def demo(
         print_json(summary)
         return
     out.print(zero_shot_table(summary["teacher_zero_shot"]))
-    for table in rich_tables(summary["results"]):
-        out.print(table)
+    print_rows(summary["results"], as_json=False, markdown=False)
     for line in plain_summary(summary):
         out.print(f"• {line}", highlight=False)
     out.print(f"Figure: {summary['figure']}\nReport: {summary['report']}")
