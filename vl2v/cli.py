@@ -168,7 +168,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / bf16 autocast on CUDA.")] = "fp32",
     store_dtype: Annotated[str, typer.Option(help="Storage of image embeddings: fp16 or fp32.")] = "fp16",
-    shard: Annotated[Optional[str], typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines. [default: all; under torchrun, one part per process]", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines. \\[default: all; under torchrun, one part per process]", show_default=False)] = None,
     shard_size: Annotated[int, typer.Option(help="Images per HDF5 shard.")] = 8192,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
@@ -207,29 +207,29 @@ def _opt(help_text: str, *names: str):
 
 # Every training flag defaults to None, meaning "not given": the config file and the dataset's
 # overrides then decide (vl2v.config.resolve_config). Help texts state the effective default.
-Student = Annotated[Optional[str], _opt(f"timm model name or alias (rn50, vitb, vits, deits). [default: {D.student}]")]
-Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from timm's pretrained weights. [default: pretrained]", show_default=False)]
-ImageSize = Annotated[Optional[int], _opt("Student input size. [default: the student's pretrained size]")]
-ModelKwargs = Annotated[Optional[list[str]], _opt("Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False.")]
-Lr = Annotated[Optional[float], _opt(f"Adam learning rate. [default: {D.lr}]")]
-WeightDecay = Annotated[Optional[float], _opt(f"Adam weight decay. [default: {D.weight_decay}]")]
-BatchSize = Annotated[Optional[int], _opt(f"Images per training domain per step. [default: {D.batch_size}]")]
-Steps = Annotated[Optional[int], _opt(f"Training steps. [default: {D.steps}; DomainNet 15001]")]
-CheckpointFreq = Annotated[Optional[int], _opt(f"Validate and checkpoint every N steps. [default: {D.checkpoint_freq}; DomainNet 1000]")]
-FreezeBn = Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn", help="Keep BatchNorm layers in eval mode. [default: freeze-bn]", show_default=False)]
-Lmd = Annotated[Optional[float], _opt(f"Weight of the image-embedding term of the loss. [default: {D.lmd}]")]
-Holdout = Annotated[Optional[float], _opt(f"Fraction of each domain held out for validation. [default: {D.holdout}]")]
-TrialSeed = Annotated[Optional[int], _opt(f"DomainBed trial seed (the in/out split). [default: {D.trial_seed}]")]
-Seed = Annotated[Optional[int], _opt(f"Seed of batches and augmentation. [default: {D.seed}]")]
-TestEnv = Annotated[Optional[list[str]], _opt("Held-out domain (repeatable). [default: every domain in turn]", "--test-env")]
-Swad = Annotated[Optional[bool], typer.Option("--swad/--no-swad", help="Average weights over SWAD's loss valley. [default: swad]", show_default=False)]
-Workers = Annotated[Optional[int], _opt(f"Image-decoding worker processes. [default: {D.workers}]")]
-Device = Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N. [default: auto]")]
-Precision = Annotated[Optional[str], _opt("fp32, or fp16 / bf16 autocast on CUDA. [default: fp32]")]
-EvalBatch = Annotated[Optional[int], _opt(f"Images per evaluation batch. [default: {D.eval_batch_size}]")]
-ConfigFile = Annotated[Optional[Path], _opt("JSON file of training settings (below flags, above dataset defaults).", "--config")]
-RunDir = Annotated[Optional[Path], _opt("Run directory. [default: runs/<dataset>/<student>/trial<T>/<stage>]")]
-CacheDir = Annotated[Optional[Path], _opt("Teacher cache folder. [default: ./cache/<dataset>/<teacher>]")]
+Student = Annotated[Optional[str], _opt(f"timm model name or alias (rn50, vitb, vits, deits). \\[default: {D.student}]")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from timm's pretrained weights. \\[default: pretrained]", show_default=False)]
+ImageSize = Annotated[Optional[int], _opt("Student input size. \\[default: the student's pretrained size]")]
+ModelKwargs = Annotated[Optional[list[str]], _opt("Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False. \\[default: none]")]
+Lr = Annotated[Optional[float], _opt(f"Adam learning rate. \\[default: {D.lr}]")]
+WeightDecay = Annotated[Optional[float], _opt(f"Adam weight decay. \\[default: {D.weight_decay}]")]
+BatchSize = Annotated[Optional[int], _opt(f"Images per training domain per step. \\[default: {D.batch_size}]")]
+Steps = Annotated[Optional[int], _opt(f"Training steps. \\[default: {D.steps}; DomainNet 15001]")]
+CheckpointFreq = Annotated[Optional[int], _opt(f"Validate and checkpoint every N steps. \\[default: {D.checkpoint_freq}; DomainNet 1000]")]
+FreezeBn = Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn", help="Keep BatchNorm layers in eval mode. \\[default: freeze-bn]", show_default=False)]
+Lmd = Annotated[Optional[float], _opt(f"Weight of the image-embedding term of the loss. \\[default: {D.lmd}]")]
+Holdout = Annotated[Optional[float], _opt(f"Fraction of each domain held out for validation. \\[default: {D.holdout}]")]
+TrialSeed = Annotated[Optional[int], _opt(f"DomainBed trial seed (the in/out split). \\[default: {D.trial_seed}]")]
+Seed = Annotated[Optional[int], _opt(f"Seed of batches and augmentation. \\[default: {D.seed}]")]
+TestEnv = Annotated[Optional[list[str]], _opt("Held-out domain (repeatable). \\[default: every domain in turn]", "--test-env")]
+Swad = Annotated[Optional[bool], typer.Option("--swad/--no-swad", help="Average weights over SWAD's loss valley. \\[default: swad]", show_default=False)]
+Workers = Annotated[Optional[int], _opt(f"Image-decoding worker processes. \\[default: {D.workers}]")]
+Device = Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N. \\[default: auto]")]
+Precision = Annotated[Optional[str], _opt("fp32, or fp16 / bf16 autocast on CUDA. \\[default: fp32]")]
+EvalBatch = Annotated[Optional[int], _opt(f"Images per evaluation batch. \\[default: {D.eval_batch_size}]")]
+ConfigFile = Annotated[Optional[Path], _opt("JSON file of training settings (below flags, above dataset defaults). \\[default: none]", "--config")]
+RunDir = Annotated[Optional[Path], _opt("Run directory. \\[default: runs/<dataset>/<student>/trial<T>/<stage>]")]
+CacheDir = Annotated[Optional[Path], _opt("Teacher cache folder. \\[default: ./cache/<dataset>/<teacher>]")]
 Teacher = Annotated[str, typer.Option(help="Teacher whose cache to train from (see `vl2v embed --teacher`).")]
 
 TRAIN_FLAGS = (
