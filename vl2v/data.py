@@ -259,10 +259,12 @@ def check_image_files(index: DatasetIndex, *, progress: Progress | None = None, 
     """Fill `error` for every candidate that does not decode (PIL releases the GIL while decoding)."""
     todo = [f for f in index.files if f.error is None]
     with ThreadPoolExecutor(threads) as pool:
-        for n, (f, err) in enumerate(zip(todo, pool.map(lambda f: image_error(index.root / f.path), todo)), 1):
-            f.error = err
-            if progress and (n % 64 == 0 or n == len(todo)):
-                progress(n, len(todo))
+        for start in range(0, len(todo), 1024):  # bounded queue: memory stays flat on big datasets
+            chunk = todo[start : start + 1024]
+            for f, err in zip(chunk, pool.map(lambda f: image_error(index.root / f.path), chunk)):
+                f.error = err
+            if progress:
+                progress(start + len(chunk), len(todo))
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -136,7 +136,8 @@ def train_env(ctx: Context, env: int, progress: Progress | None = None) -> dict:
     step, records, best = state["step"], state["records"], state["best"]
     segment, segment_start = AveragedModel(model), step
     loader = prepare_data(ctx, env, step)
-    image_targets, text_targets = ctx.targets.image.to(ctx.device), ctx.targets.text.to(ctx.device)
+    image_targets, labels = ctx.targets.image.to(ctx.device), ctx.labels.to(ctx.device)
+    text_targets = ctx.targets.text.to(ctx.device)
     log.info("%s: held-out %s, steps %d..%d", cfg.stage, ctx.index.domains[env], step, cfg.steps - 1)
     losses, tic = [], time.perf_counter()
     for images, rows in loader:
@@ -144,7 +145,7 @@ def train_env(ctx: Context, env: int, progress: Progress | None = None) -> dict:
         images, rows = images.to(ctx.device, non_blocking=True), rows.to(ctx.device)
         with torch.autocast(ctx.device.type, dtype=ctx.amp, enabled=ctx.amp is not None):
             embedded = model.embed(images)
-        loss = adip_loss(embedded.float(), image_targets[rows], text_targets[ctx.labels.to(ctx.device)[rows]], cfg.lmd)
+        loss = adip_loss(embedded.float(), image_targets[rows], text_targets[labels[rows]], cfg.lmd)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
