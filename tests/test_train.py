@@ -338,3 +338,15 @@ def test_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(setup, monkeypatc
             assert all(torch.equal(state[k], init[k]) for k in bn_keys), (run_dir, name)
     distilled = load_checkpoint(distill_dir / "env1" / "swad.pt")
     assert all(not torch.equal(distilled[k], init[k]) for k in affine)  # affine weights train in Distill
+
+
+def test_swad_model_gets_its_own_batchnorm_statistics_when_bn_is_not_frozen(setup):
+    tmp, root, cache = setup
+    flags = {**TINY, "student": "test_resnet", "model_kwargs": {"zero_init_last": False}, "steps": 5, "checkpoint_freq": 2, "freeze_bn": False, "test_envs": ("photo",)}
+    run_dir, _ = pipeline.align(root, flags, run_dir=tmp / "bn_train", cache_dir=cache)
+    swad, best = load_checkpoint(run_dir / "env1" / "swad.pt"), load_checkpoint(run_dir / "env1" / "best.pt")
+    counts = [k for k in swad if k.endswith("num_batches_tracked")]
+    assert counts and all(int(swad[k]) == 5 for k in counts)  # re-estimated over min(steps, 32) batches
+    assert all(int(best[k]) > 0 for k in counts)  # BN in training mode updated its statistics
+    means = [k for k in swad if k.endswith("running_mean")]
+    assert any(not torch.equal(swad[k], best[k]) for k in means)

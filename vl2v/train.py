@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from vl2v import runs
 from vl2v.batches import EvalImages, StepBatches, step_loader
@@ -24,6 +24,8 @@ from vl2v.student import DataConfig, Student, create_featurizer, create_student
 from vl2v.swad import LossValley
 
 log = logging.getLogger(__name__)
+
+BN_UPDATE_STEPS = 32  # training batches that re-estimate BatchNorm statistics of the SWAD model
 
 
 @dataclass
@@ -109,7 +111,9 @@ def evaluate(ctx: Context, model: Student, env: int) -> dict:
     return record
 
 
-def prepare_data(ctx: Context, env: int, start: int) -> torch.utils.data.DataLoader:
+def prepare_data(ctx: Context, env: int, start: int, stop: int | None = None) -> torch.utils.data.DataLoader:
+    """The training batches of steps start..stop-1 (default: to the end); builds the evaluation
+    images on first use."""
     cfg, index, data_cfg = ctx.cfg, ctx.index, ctx.data_cfg
     paths = [f.path for f in index.files]
     if ctx.eval_images is None:
@@ -121,7 +125,7 @@ def prepare_data(ctx: Context, env: int, start: int) -> torch.utils.data.DataLoa
     if any(len(r) == 0 for r in domain_rows):
         raise UserError("A training domain has no images in its 'in' split; lower --holdout or add images.")
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
-    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env), start, cfg.steps)
+    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env), start, stop or cfg.steps)
     return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
 
 
@@ -179,6 +183,11 @@ def finish_env(ctx: Context, env: int, model: Student, valley: LossValley | None
     if valley is not None:
         model.load_state_dict(valley.get_final_model().state_dict())
         model.to(ctx.device)
+        if not ctx.cfg.freeze_bn:
+            # Averaged weights need their own BatchNorm statistics (SWAD's update_bn); frozen BN
+            # layers keep the pretrained ones.
+            batches = prepare_data(ctx, env, 0, min(ctx.cfg.steps, BN_UPDATE_STEPS))
+            update_bn((images.to(ctx.device) for images, _ in batches), model)
         atomic_torch_save(model.state_dict(), env_dir / "swad.pt")
         swad = {"step": records[-1]["step"], **evaluate(ctx, model, env)}
         finals.append(runs.final_record("SWAD", domain, env, swad))
