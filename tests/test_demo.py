@@ -1,0 +1,35 @@
+"""A shortened `vl2v demo` end to end: data, teacher, embed, Align, Distill, SWAD, report."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from vl2v.cli import app
+
+
+def test_quick_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("VL2V_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["domains"] == ["mnist", "mnist_m", "synth", "uci"]
+    assert summary["images"] == 4 * 10 * 6
+    assert summary["queries"] == {"images": 240, "texts": 10}  # every image and prompt paid once
+    assert set(summary["teacher_zero_shot"]) == set(summary["domains"])
+    stages = {(r["stage"], r["selection"]) for r in summary["results"]}
+    assert stages == {(s, sel) for s in ("align", "distill") for sel in ("training-domain validation", "SWAD")}
+    for row in summary["results"]:
+        assert set(row["domains"]) == set(summary["domains"]) and row["avg"] is not None
+    runs = tmp_path / "demo" / "runs" / "DigitsDG"
+    assert (runs / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (runs / "report.md").read_text()
+    assert "| held-out domain | teacher zero-shot | Align | Distill | Distill + SWAD |" in report
+    assert (tmp_path / "demo" / "samples.png").exists()
+
+    again = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--json"])
+    assert again.exit_code == 0, again.output
+    rerun = json.loads(again.stdout)
+    assert rerun["embedded_now"] == 0  # data, teacher and cache are reused: nothing paid twice
+    assert rerun["results"] == summary["results"]
