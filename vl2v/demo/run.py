@@ -32,17 +32,20 @@ class DemoConfig:
     workdir: Path = Path("demo")
     per_class: int = 100  # images per class and domain: 4 domains × 10 classes × 100
     # A fixed number of steps, not a time budget, so the teacher is the same on any machine.
-    teacher_steps: int = 600
+    teacher_steps: int = 500
     teacher_pool: dict = field(default_factory=dict)  # TeacherRecipe overrides (pool sizes)
-    student: str = "resnet18"
+    student: str = "resnet10t"
     # A random-init timm ResNet zero-initialises each block's last BatchNorm, which makes frozen
     # features nearly constant: Align would learn nothing.
     model_kwargs: dict = field(default_factory=lambda: {"zero_init_last": False})
+    # BatchNorm trains (its statistics too): frozen BN suits pretrained students, and a random-init
+    # one has no statistics worth keeping. SWAD then re-estimates them for its average.
+    freeze_bn: bool = False
     image_size: int = 32
     batch_size: int = 32
-    align_steps: int = 101
+    align_steps: int = 26
     align_lr: float = 1e-3
-    distill_steps: int = 301
+    distill_steps: int = 101
     distill_lr: float = 1e-3
     checkpoint_freq: int = 25
     # One compute thread and one decoding worker: on two cores, two busy compute threads next to
@@ -62,6 +65,7 @@ class DemoConfig:
             "steps": steps,
             "lr": lr,
             "checkpoint_freq": self.checkpoint_freq,
+            "freeze_bn": self.freeze_bn,
             "workers": self.workers,
             "seed": self.seed,
         }
