@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
 
+from vl2v.data import DOMAINBED
 from vl2v.runtime import Progress, UserError
 
 log = logging.getLogger(__name__)
@@ -398,19 +399,19 @@ SOURCES: dict[str, Source] = {
     "PACS": Source(
         files=(RemoteFile(_GDRIVE.format("1JFr8f805nMUelQWWmfnJR3y4_SYoN5Pd"), "PACS.zip"),),
         prepare=_adopt_folder("kfold"),
-        domains=("art_painting", "cartoon", "photo", "sketch"),
+        domains=DOMAINBED["PACS"].domains,
         homepage="http://www.eecs.qmul.ac.uk/~dl307/project_iccv2017",
     ),
     "VLCS": Source(
         files=(RemoteFile(_GDRIVE.format("1skwblH1_okBwxWxmRsp9_qi15hyPpxg8"), "VLCS.tar.gz"),),
         prepare=_adopt_folder("VLCS"),
-        domains=("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+        domains=DOMAINBED["VLCS"].domains,
         homepage="http://www.eecs.qmul.ac.uk/~dl307/project_iccv2017",
     ),
     "OfficeHome": Source(
         files=(RemoteFile(_GDRIVE.format("1uY0pj7oFsjMxRwaD3Sxy0jgel0fsYXLC"), "office_home.zip"),),
         prepare=_adopt_folder("OfficeHomeDataset_10072016"),
-        domains=("Art", "Clipart", "Product", "Real World"),
+        domains=DOMAINBED["OfficeHome"].domains,
         homepage="http://hemanthdv.org/OfficeHome-Dataset/",
     ),
     "TerraIncognita": Source(
@@ -419,7 +420,7 @@ SOURCES: dict[str, Source] = {
             RemoteFile(f"{_LILA}/eccv_18_annotations.tar.gz", "eccv_18_annotations.tar.gz"),
         ),
         prepare=_prepare_terra,
-        domains=tuple(f"location_{loc}" for loc in ("100", "38", "43", "46")),
+        domains=DOMAINBED["TerraIncognita"].domains,
         homepage="https://lila.science/datasets/caltech-camera-traps",
     ),
     "DomainNet": Source(
