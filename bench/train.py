@@ -73,11 +73,11 @@ def build(args) -> dict:
     dim = open_clip.get_model_config(args.teacher)["embed_dim"]
     text_targets = F.normalize(torch.randn(args.classes, dim), dim=-1)
     model, _ = create_student(
-        args.student, text_targets, 100.0, pretrained=False, image_size=args.image_size
+        args.student, "text", args.classes, text_targets, 100.0, pretrained=False, image_size=args.image_size
     )
     distill = args.stage == "distill"
     model.featurizer.requires_grad_(distill)
-    model.projection.requires_grad_(not distill)
+    model.head.requires_grad_(not distill)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig()
     teacher = open_clip.create_model(args.teacher, pretrained=None).eval()
@@ -101,7 +101,9 @@ def student_step(b: dict, images: torch.Tensor, loss_fn) -> float:
     """One step of vl2v/train.py's loop body: train mode, embed, loss, Adam."""
     model, optimizer = b["model"], b["optimizer"]
     set_train_mode(model, freeze_bn=True)
-    loss = loss_fn(model.embed(images).float())
+    with torch.set_grad_enabled(any(p.requires_grad for p in model.featurizer.parameters())):
+        features = model.featurizer(images)
+    loss = loss_fn(model.head.embed(features).float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

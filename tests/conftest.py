@@ -88,3 +88,11 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def train_method(method: str, root: Path | None, flags: dict, run_dir: Path, cache_dir: Path | None = None, from_run: Path | None = None):
+    """`pipeline.train` of one method with these settings; returns (run directory, finals)."""
+    from vl2v import pipeline
+    from vl2v.config import TrainConfig
+
+    return pipeline.train(root, TrainConfig(method=method, **flags), run_dir, cache_dir, from_run=from_run)

@@ -13,14 +13,16 @@ import torch
 from conftest import TINY_CLIP, make_dataset
 from typer.testing import CliRunner
 
-import vl2v.pipeline
+import vl2v.embed
 from vl2v import runs
 from vl2v.cache import load_targets
 from vl2v.cli import app
 from vl2v.data import scan_dataset
+from vl2v.selection import start_checkpoint
 
 DOMAINS = ["art", "photo", "sketch"]
 SELECTIONS = ["training-domain validation", "SWAD"]
+METHODS = ["align", "distill", "erm", "kd"]
 TINY = ["--student", "test_vit", "--no-pretrained", "--image-size", "32", "--batch-size", "4", "--workers", "0"]
 
 
@@ -69,28 +71,29 @@ def pipeline_run(tmp_path_factory):
     embed_configs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VL2V_CACHE", str(tmp / "cache"))
-        real_embed = vl2v.pipeline.embed_all_parts
-        mp.setattr(vl2v.pipeline, "embed_all_parts", lambda index, cache_dir, cfg, **kw: embed_configs.append(cfg) or real_embed(index, cache_dir, cfg, **kw))
-        rows = ok_json("run", root, *TINY, "--steps", "3", "--checkpoint-freq", "2", "--teacher", f"{config}:{weights}", "--trials", "2", "--runs-root", runs_root)
+        real_embed = vl2v.embed.embed_all_parts
+        mp.setattr(vl2v.embed, "embed_all_parts", lambda index, cache_dir, cfg, **kw: embed_configs.append(cfg) or real_embed(index, cache_dir, cfg, **kw))
+        rows = ok_json("run", root, *TINY, "--steps", "3", "--checkpoint-freq", "2", "--teacher", f"{config}:{weights}", "--trials", "2",
+                       "--methods", "adip,erm,kd", "--run-dir", runs_root / "toy" / "test_vit")
     caches = [p.parent for p in (tmp / "cache").rglob("manifest.json")]
     assert len(caches) == 1 and caches[0].parent == tmp / "cache" / "toy"
     assert [c.workers for c in embed_configs] == [0]  # --workers 0 holds for the teacher pass too
     return tmp, root, runs_root, caches[0], rows
 
 
-def run_dir(runs_root: Path, trial: int, stage: str) -> Path:
-    return runs_root / "toy" / "test_vit" / f"trial{trial}" / stage
+def run_dir(runs_root: Path, trial: int, method: str) -> Path:
+    return runs_root / "toy" / "test_vit" / f"trial{trial}" / method
 
 
-def test_run_trains_both_stages_for_every_trial_and_domain(pipeline_run):
+def test_run_trains_every_method_for_every_trial_and_domain(pipeline_run):
     tmp, root, runs_root, cache, rows = pipeline_run
     for trial in (0, 1):
-        for stage in ("align", "distill"):
-            path = run_dir(runs_root, trial, stage)
+        for method in METHODS:
+            path = run_dir(runs_root, trial, method)
             info = runs.run_info(path)
-            assert info["config"]["stage"] == stage and info["config"]["trial_seed"] == trial
+            assert info["config"]["method"] == method and info["config"]["trial_seed"] == trial
             assert info["config"]["steps"] == 3 and info["config"]["student"] == "test_vit" and info["config"]["pretrained"] is False
-            assert info["cache_dir"] == str(cache.resolve())
+            assert info["cache_dir"] == (None if method == "erm" else str(cache.resolve()))  # ERM needs no teacher
             for env in range(3):
                 done = json.loads((runs.env_dir(path, env) / "done.json").read_text())
                 assert set(done) == set(SELECTIONS)
@@ -99,19 +102,19 @@ def test_run_trains_both_stages_for_every_trial_and_domain(pipeline_run):
     a0 = runs.read_records(runs.env_dir(run_dir(runs_root, 0, "align"), 0))
     a1 = runs.read_records(runs.env_dir(run_dir(runs_root, 1, "align"), 0))
     assert [r.get("loss") for r in a0] != [r.get("loss") for r in a1]
-    assert rows == ok_json("results", runs_root)  # `run` prints the same rows as `results`
+    assert rows[0]["method"] == "teacher zero-shot" and rows[1:] == ok_json("results", runs_root)  # the rows of `results`
 
 
 def test_results_json_has_mean_and_std_over_two_trials(pipeline_run):
     tmp, root, runs_root, cache, _ = pipeline_run
     rows = ok_json("results", runs_root)
-    assert [(r["stage"], r["selection"]) for r in rows] == [(s, sel) for s in ("align", "distill") for sel in SELECTIONS]
+    assert [(r["method"], r["selection"]) for r in rows] == [(m, sel) for m in METHODS for sel in SELECTIONS]
     for row in rows:
         assert row["dataset"] == "toy" and row["student"] == "test_vit" and row["domain_order"] == DOMAINS
         assert set(row["domains"]) == set(DOMAINS)
         for env, domain in enumerate(DOMAINS):
             cell = row["domains"][domain]
-            accs = [json.loads((runs.env_dir(run_dir(runs_root, t, row["stage"]), env) / "done.json").read_text())[row["selection"]]["test_in_acc"] for t in (0, 1)]
+            accs = [json.loads((runs.env_dir(run_dir(runs_root, t, row["method"]), env) / "done.json").read_text())[row["selection"]]["test_in_acc"] for t in (0, 1)]
             assert cell["n"] == 2
             assert cell["mean"] == pytest.approx(100 * np.mean(accs)) and cell["std"] == pytest.approx(100 * np.std(accs))
         assert row["avg"] == pytest.approx(np.mean([row["domains"][d]["mean"] for d in DOMAINS]))
@@ -119,8 +122,8 @@ def test_results_json_has_mean_and_std_over_two_trials(pipeline_run):
     result = invoke("results", runs_root, "--markdown")
     assert result.exit_code == 0, result.output
     assert "### toy" in result.stdout
-    assert "| student | stage | selection | art | photo | sketch | avg |" in result.stdout
-    assert result.stdout.count("| test_vit | ") == 4 and " ± " in result.stdout
+    assert "| student | method | selection | art | photo | sketch | avg |" in result.stdout
+    assert result.stdout.count("| test_vit | ") == 8 and " ± " in result.stdout
 
 
 def test_eval_a_run_reproduces_its_recorded_accuracies(pipeline_run):
@@ -130,8 +133,11 @@ def test_eval_a_run_reproduces_its_recorded_accuracies(pipeline_run):
     assert [(r["held_out"], r["model"]) for r in rows] == [(d, m) for d in DOMAINS for m in ("best", "swad")]
     for row in rows:
         assert set(row["accuracy"]) == set(DOMAINS) and all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
-        done = json.loads((runs.env_dir(path, DOMAINS.index(row["held_out"])) / "done.json").read_text())
-        recorded = done["training-domain validation" if row["model"] == "best" else "SWAD"]
+        env_path = runs.env_dir(path, DOMAINS.index(row["held_out"]))
+        checkpoints = [r for r in runs.read_records(env_path) if r["kind"] == "checkpoint"]
+        done = json.loads((env_path / "done.json").read_text())
+        # best.pt is the start-checkpoint rule's pick (model_save 100: the last step here)
+        recorded = start_checkpoint(checkpoints, 100, checkpoints[-1]["step"]) if row["model"] == "best" else done["SWAD"]
         assert row["accuracy"][row["held_out"]] == pytest.approx(recorded["test_acc"], abs=1e-6)  # the whole held-out domain
 
 
@@ -171,7 +177,7 @@ def test_eval_of_a_folder_that_is_not_a_run(pipeline_run, tmp_path):
 def test_distill_from_a_distill_run(pipeline_run):
     _, _, runs_root, _, _ = pipeline_run
     distill = run_dir(runs_root, 0, "distill")
-    assert_user_error(invoke("distill", "--from", distill, "--steps", "1", "--workers", "0"), f"--from {distill} is a distill run", "Distill starts from an Align run")
+    assert_user_error(invoke("distill", "--from", distill, "--steps", "1", "--workers", "0"), f"--from {distill} is a distill run", "distill starts from a run of method 'align'")
 
 
 def test_cache_built_for_other_classes(pipeline_run, tmp_path):

@@ -23,10 +23,11 @@ def write(tmp_path, values: dict, name: str = "cfg.json"):
 def test_defaults_are_the_papers():
     cfg = resolve_config(None, None, NO_FLAGS)
     assert cfg == TrainConfig()
-    assert (cfg.stage, cfg.student, cfg.pretrained, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("align", "vits", True, 5e-5, 0.0, 32)
+    assert (cfg.method, cfg.student, cfg.pretrained, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("align", "vits", True, 5e-5, 0.0, 32)
     assert (cfg.steps, cfg.checkpoint_freq, cfg.freeze_bn, cfg.lmd, cfg.holdout, cfg.swad) == (5001, 200, True, 0.5, 0.2, True)
     assert (cfg.n_converge, cfg.n_tolerance, cfg.tolerance_ratio) == (3, 6, 0.3)
-    assert cfg.test_envs == ()
+    assert cfg.test_envs == () and not cfg.deploy
+    assert (cfg.kd_temperature, cfg.kd_weight, cfg.model_save, cfg.log) == (4.0, 0.5, 100, "none")
 
 
 def test_dataset_overrides_domainnet_and_only_domainnet():
@@ -83,7 +84,11 @@ def test_unreadable_config_files(tmp_path):
         ({"holdout": 1.0}, "--holdout must be between 0 and 1"),
         ({"lmd": 1.5}, "--lmd must be between 0 and 1, not 1.5"),
         ({"lmd": -0.1}, "--lmd must be between 0 and 1"),
-        ({"stage": "predict"}, "Unknown stage 'predict'"),
+        ({"method": "ermm"}, "Unknown method 'ermm'. Did you mean 'erm'?"),
+        ({"kd_weight": 1.5}, "--kd-weight must be between 0 and 1"),
+        ({"kd_temperature": 0.0}, "--kd-temperature must be > 0"),
+        ({"log": "wandb"}, "--log must be one of none, tensorboard"),
+        ({"test_envs": ["none", "art"]}, "--test-env none (train on every domain) cannot be combined"),
         ({"steps": "100"}, "steps"),
         ({"lr": "fast"}, "lr"),
         ({"steps": 2.5}, "steps"),
@@ -111,3 +116,18 @@ def test_whole_numbers_are_accepted_for_float_settings(tmp_path):
     cfg = resolve_config(None, write(tmp_path, {"lr": 1, "weight_decay": 0, "lmd": 1, "image_size": 64}), {})
     assert (cfg.lr, cfg.weight_decay, cfg.lmd, cfg.image_size) == (1.0, 0.0, 1.0, 64)
     assert json.loads(json.dumps(cfg.to_json()))["lr"] == 1.0
+
+
+def test_test_env_none_is_a_deployment_run():
+    cfg = resolve_config(None, None, {"test_envs": ("none",)})
+    assert cfg.deploy and cfg.test_envs == ("none",)
+
+
+def test_every_flag_has_help_and_methods_name_registered_methods():
+    import dataclasses
+
+    from vl2v.methods import METHODS
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"].endswith("."), f.name
+        assert set(f.metadata["methods"]) <= set(METHODS), f.name

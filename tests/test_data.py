@@ -94,16 +94,18 @@ def test_layout_domains_classes_missing_and_classnames(tmp_path):
     make_dataset(root, domains=("sketch", "art"), classes=("dog", "Sea_Lion"), per_class=2)
     make_image(root / "photo" / "dog" / "0.png", 100)
     make_image(root / "photo" / "zebra_crossing" / "0.png", 101)
-    (root / "photo" / "empty_class").mkdir()  # a class folder with no images still names a class
+    (root / "photo" / "New folder").mkdir()  # a class folder with no images is not a class
+    (root / "art" / "empty_too" / "sub").mkdir(parents=True)
     index = scan_dataset(root)
 
     assert index.domains == ["art", "photo", "sketch"]
-    assert index.classes == ["Sea_Lion", "dog", "empty_class", "zebra_crossing"]
-    assert index.classnames == ["Sea Lion", "dog", "empty class", "zebra crossing"]
+    assert index.classes == ["Sea_Lion", "dog", "zebra_crossing"]
+    assert index.classnames == ["Sea Lion", "dog", "zebra crossing"]
+    assert index.empty_class_folders == ["art/empty_too", "photo/New folder"]
     assert index.missing_classes == {
-        "art": ["empty_class", "zebra_crossing"],
+        "art": ["zebra_crossing"],
         "photo": ["Sea_Lion"],
-        "sketch": ["empty_class", "zebra_crossing"],
+        "sketch": ["zebra_crossing"],
     }
     assert index.name == "ds"
     assert index.info is None
@@ -117,7 +119,8 @@ def test_layout_domains_classes_missing_and_classnames(tmp_path):
     summary = describe_dataset(index)
     photo = summary["domains"][1]
     assert photo["name"] == "photo"
-    assert photo["classes"] == {"Sea_Lion": 0, "dog": 1, "empty_class": 0, "zebra_crossing": 1}
+    assert photo["classes"] == {"Sea_Lion": 0, "dog": 1, "zebra_crossing": 1}
+    assert summary["empty_class_folders"] == ["art/empty_too", "photo/New folder"]
     assert summary["missing_classes"] == index.missing_classes
 
 

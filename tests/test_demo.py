@@ -18,7 +18,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["images"] == 4 * 10 * 6
     assert summary["queries"] == {"images": 240, "texts": 10}  # every image and prompt paid once
     assert set(summary["teacher_zero_shot"]) == set(summary["domains"])
-    stages = {(r["stage"], r["selection"]) for r in summary["results"]}
+    stages = {(r["method"], r["selection"]) for r in summary["results"]}
     assert stages == {(s, sel) for s in ("align", "distill") for sel in ("training-domain validation", "SWAD")}
     for row in summary["results"]:
         assert set(row["domains"]) == set(summary["domains"]) and row["avg"] is not None

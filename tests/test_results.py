@@ -16,16 +16,19 @@ TDV, SWAD = "training-domain validation", "SWAD"
 DOMAINS = ["art", "photo", "sketch"]
 
 
-def write_run(run_dir: Path, stage: str, finals: dict[int, dict[str, float]], *, student="vits", dataset="Toy", domains=DOMAINS, test_acc_offset=0.0) -> Path:
-    """A run directory as vl2v writes it: config.json, cache_manifest.json, env{i}/done.json."""
+def write_run(run_dir: Path, method: str, finals: dict[int, dict[str, float]], *, student="vits", dataset="Toy", domains=DOMAINS, test_acc_offset=0.0) -> Path:
+    """A run directory as vl2v writes it: config.json, env{i}/results.jsonl (one checkpoint, whose
+    test figure is the TDV value) and env{i}/done.json."""
     run_dir.mkdir(parents=True)
-    info = {"config": {"stage": stage, "student": student}, "dataset": {"name": dataset, "domains": domains, "classes": ["a", "b"]}}
+    info = {"config": {"method": method, "student": student}, "dataset": {"name": dataset, "domains": domains, "classes": ["a", "b"]}}
     (run_dir / "config.json").write_text(json.dumps(info))
-    (run_dir / "cache_manifest.json").write_text("{}")
     for env, by_selection in finals.items():
         done = {sel: {"selection": sel, "test_env": env, "test_in_acc": acc, "test_acc": acc + test_acc_offset} for sel, acc in by_selection.items()}
         (run_dir / f"env{env}").mkdir()
         (run_dir / f"env{env}" / "done.json").write_text(json.dumps(done))
+        acc = by_selection[TDV]
+        record = {"kind": "checkpoint", "step": 0, f"env{env}_in_acc": acc, f"env{env}_out_acc": acc, "test_acc": acc + test_acc_offset, "tr_outacc": 0.5}
+        (run_dir / f"env{env}" / "results.jsonl").write_text(json.dumps(record) + "\n" + "\n".join(json.dumps(f) for f in done.values()) + "\n")
     return run_dir
 
 
@@ -41,14 +44,14 @@ def runs_root(tmp_path: Path) -> Path:
     write_run(root / "Toy/vits/trial0/distill", "distill", {0: {TDV: 0.0, SWAD: 0.5}, 1: {TDV: 0.5}})  # env2 unfinished
     (root / "Toy/vits/trial0/distill/env2").mkdir()
     (root / "Toy/vits/trial0/distill/env2/checkpoint.pt").write_bytes(b"")  # still training
-    # not a run (no cache manifest): ignored
+    # not a run (a config.json that is not vl2v's): ignored
     (root / "Toy/scratch").mkdir(parents=True)
     (root / "Toy/scratch/config.json").write_text("{}")
     return root
 
 
 def rows_by_key(rows):
-    return {(r["stage"], r["selection"]): r for r in rows}
+    return {(r["method"], r["selection"]): r for r in rows}
 
 
 def test_find_runs_lists_run_directories_only(runs_root):
@@ -60,7 +63,7 @@ def test_find_runs_lists_run_directories_only(runs_root):
 
 def test_collect_mean_std_over_trials_and_domain_average(runs_root):
     rows = collect(runs_root)
-    assert [(r["stage"], r["selection"]) for r in rows] == [("align", TDV), ("align", SWAD), ("distill", TDV), ("distill", SWAD)]
+    assert [(r["method"], r["selection"]) for r in rows] == [("align", TDV), ("align", SWAD), ("distill", TDV), ("distill", SWAD)]
     by = rows_by_key(rows)
     art = by[("align", TDV)]["domains"]["art"]
     assert art["n"] == 2 and sorted(art["values"]) == pytest.approx([80.0, 90.0])
@@ -103,7 +106,7 @@ def test_several_students_and_datasets_get_their_own_rows_and_tables(tmp_path):
     rows = collect(tmp_path)
     assert [(r["dataset"], r["student"], r["avg"]) for r in rows] == [("Other", "vits", pytest.approx(70.0)), ("Toy", "rn50", pytest.approx(50.0)), ("Toy", "vits", pytest.approx(60.0))]
     text = markdown(rows)
-    assert text.count("### ") == 2 and "| student | stage | selection | x | y | avg |" in text
+    assert text.count("### ") == 2 and "| student | method | selection | x | y | avg |" in text
     assert [t.title.split(":")[0] for t in rich_tables(rows)] == ["Other", "Toy"]
 
 
@@ -111,7 +114,7 @@ def test_markdown_table(runs_root):
     text = markdown(collect(runs_root))
     lines = text.splitlines()
     assert lines[0] == "### Toy"
-    header = lines.index("| student | stage | selection | art | photo | sketch | avg |")
+    header = lines.index("| student | method | selection | art | photo | sketch | avg |")
     assert lines[header + 1] == "|---|---|---|---|---|---|---|"
     assert lines[header + 2] == "| vits | align | training-domain validation | 85.0 ± 5.0 | 65.0 ± 5.0 | 45.0 ± 5.0 | 65.0 |"
     assert "| vits | distill | SWAD | 75.0 ± 25.0 | 50.0 | 25.0 | 50.0 |" in lines  # one trial: no ±

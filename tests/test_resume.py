@@ -113,7 +113,7 @@ def test_rerunning_a_finished_run_does_nothing_and_prints_the_same_results(kille
     def refuse(*a, **k):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(vl2v.train, "create_student", refuse)
+    monkeypatch.setattr(vl2v.train, "build_student", refuse)
     files = [runs.env_dir(run_dir, e) / n for e in (0, 1) for n in ("results.jsonl", "done.json", "best.pt", "swad.pt")]
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     result = CliRunner().invoke(app, align_args(root, cache, run_dir))

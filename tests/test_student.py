@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from vl2v.config import TrainConfig
 from vl2v.losses import adip_loss
 from vl2v.runtime import UserError
-from vl2v.student import ALIASES, Student, create_featurizer, create_student, resolve_student_name
+from vl2v.methods import get_method
+from vl2v.student import ALIASES, LinearHead, Student, TextHead, create_featurizer, create_student, resolve_student_name
 from vl2v.train import build_model, set_train_mode
 
 TINY = dict(student="test_vit", pretrained=False, image_size=32)
@@ -29,24 +30,24 @@ def class_embeddings(n: int = 3, d: int = 16, seed: int = 0) -> torch.Tensor:
 def test_forward_is_normalised_projection_against_scaled_text():
     torch.manual_seed(0)
     text = class_embeddings()
-    model, data_cfg = create_student("test_vit", text, 100.0, pretrained=False, image_size=32)
+    model, data_cfg = create_student("test_vit", "text", 3, text, 100.0, pretrained=False, image_size=32)
     assert data_cfg.image_size == 32
-    assert model.projection.in_features == model.featurizer.num_features
-    assert model.projection.out_features == 16
-    assert torch.equal(model.classifier, text * 100.0)
-    assert not any(n == "classifier" for n, _ in model.named_parameters())  # a buffer, never trained
-    assert "classifier" in model.state_dict()
+    assert model.head.projection.in_features == model.featurizer.num_features
+    assert model.head.projection.out_features == 16
+    assert torch.equal(model.head.classifier, text * 100.0)
+    assert not any(n == "head.classifier" for n, _ in model.named_parameters())  # a buffer, never trained
+    assert "head.classifier" in model.state_dict()
 
     model.eval()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         f = model.featurizer(x)
-        p = f @ model.projection.weight.T + model.projection.bias
+        p = f @ model.head.projection.weight.T + model.head.projection.bias
         by_hand = (p / p.norm(dim=1, keepdim=True)) @ (text * 100.0).T
         logits = model(x)
-        embedded = model.embed(x)
+        embedded = model.encode(x)
     assert logits.shape == (5, 3)
-    assert torch.allclose(embedded, p, atol=1e-6)
+    assert torch.allclose(embedded, p / p.norm(dim=1, keepdim=True), atol=1e-6)
     assert torch.allclose(logits, by_hand, atol=1e-4)
     # logits are cosines × 100: bounded by the logit scale, and the argmax is the nearest class
     assert logits.abs().max() <= 100.0 + 1e-4
@@ -57,44 +58,57 @@ def test_forward_is_normalised_projection_against_scaled_text():
 def test_classifier_buffer_is_class_embeddings_times_logit_scale():
     text = class_embeddings(4, 8, seed=3)
     featurizer, _ = create_featurizer("test_vit", pretrained=False, image_size=32)
-    model = Student(featurizer, text.double(), 42.5)
-    assert model.classifier.dtype == torch.float32
-    assert torch.allclose(model.classifier, text * 42.5)
+    head = TextHead(featurizer.num_features, text.double(), 42.5)
+    assert head.classifier.dtype == torch.float32
+    assert torch.allclose(head.classifier, text * 42.5)
     text.zero_()  # the buffer is the student's own copy
-    assert model.classifier.abs().sum() > 0
+    assert head.classifier.abs().sum() > 0
+
+
+def test_linear_head_is_a_trained_classifier_on_the_features():
+    torch.manual_seed(0)
+    model, _ = create_student("test_vit", "linear", 5, pretrained=False, image_size=32)
+    assert isinstance(model.head, LinearHead) and model.head.classifier.out_features == 5
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        f = model.featurizer(x)
+        assert torch.allclose(model(x), f @ model.head.classifier.weight.T + model.head.classifier.bias, atol=1e-5)
+        assert torch.allclose(model.encode(x), F.normalize(f, dim=-1), atol=1e-6)
 
 
 # --- what each stage trains -----------------------------------------------------------------------
 
 
-def context(stage: str, from_run: Path | None = None, **kw):
+def context(method: str, from_run: Path | None = None, **kw):
     """What build_model reads of a training context."""
-    cfg = TrainConfig(stage=stage, **{**TINY, **kw})
+    cfg = TrainConfig(method=method, **{**TINY, **kw})
     targets = SimpleNamespace(text=class_embeddings(), logit_scale=100.0)
-    return SimpleNamespace(cfg=cfg, targets=targets, from_run=from_run, device=torch.device("cpu"), data_cfg=None)
+    index = SimpleNamespace(classes=["a", "b", "c"])
+    return SimpleNamespace(cfg=cfg, method=get_method(method), targets=targets, index=index, from_run=from_run,
+                           teacher=None, device=torch.device("cpu"), data_cfg=None)
 
 
-def one_step_grads(model: Student, freeze_bn: bool = True) -> tuple[dict, dict, torch.Tensor]:
+def one_step_grads(model: Student, method: str, freeze_bn: bool = True) -> tuple[dict, dict, torch.Tensor]:
     """One training forward/backward as train_env does it; returns grads and the featurizer output."""
-    seen = {}
-    hook = model.featurizer.register_forward_hook(lambda m, i, o: seen.setdefault("features", o))
     set_train_mode(model, freeze_bn)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
     image_t, text_t = F.normalize(torch.randn(4, 16, generator=g), dim=-1), F.normalize(torch.randn(4, 16, generator=g), dim=-1)
-    loss = adip_loss(model.embed(x), image_t, text_t)
+    with torch.set_grad_enabled(get_method(method).trains_featurizer):
+        features = model.featurizer(x)
+    loss = adip_loss(model.head.embed(features), image_t, text_t)
     loss.backward()
-    hook.remove()
     feat = {n: p.grad for n, p in model.featurizer.named_parameters()}
-    proj = {n: p.grad for n, p in model.projection.named_parameters()}
-    return feat, proj, seen["features"]
+    proj = {n: p.grad for n, p in model.head.projection.named_parameters()}
+    return feat, proj, features
 
 
 def test_align_trains_only_the_projection_and_builds_no_featurizer_graph():
     model = build_model(context("align"), 0)
     assert not any(p.requires_grad for p in model.featurizer.parameters())
-    assert all(p.requires_grad for p in model.projection.parameters())
-    feat, proj, features = one_step_grads(model)
+    assert all(p.requires_grad for p in model.head.projection.parameters())
+    feat, proj, features = one_step_grads(model, "align")
     assert len(proj) == 2 and all(g is not None and g.abs().sum() > 0 for g in proj.values())
     assert len(feat) > 10 and all(g is None for g in feat.values()), [n for n, g in feat.items() if g is not None]
     assert features.requires_grad is False and features.grad_fn is None
@@ -103,7 +117,7 @@ def test_align_trains_only_the_projection_and_builds_no_featurizer_graph():
 def test_distill_trains_only_the_featurizer_from_the_align_model(tmp_path):
     align = build_model(context("align"), 0)
     with torch.no_grad():
-        align.projection.weight.mul_(3.0)  # a recognisable Align model
+        align.head.projection.weight.mul_(3.0)  # a recognisable Align model
     (tmp_path / "env1").mkdir()
     torch.save(align.state_dict(), tmp_path / "env1" / "best.pt")
 
@@ -111,8 +125,8 @@ def test_distill_trains_only_the_featurizer_from_the_align_model(tmp_path):
     for key, value in align.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert all(p.requires_grad for p in model.featurizer.parameters())
-    assert not any(p.requires_grad for p in model.projection.parameters())
-    feat, proj, features = one_step_grads(model)
+    assert not any(p.requires_grad for p in model.head.projection.parameters())
+    feat, proj, features = one_step_grads(model, "distill")
     assert all(g is None for g in proj.values())
     missing = [n for n, g in feat.items() if g is None]
     assert not missing and len(feat) > 10
@@ -128,7 +142,7 @@ def test_distill_of_a_batchnorm_student_grads_every_featurizer_parameter(tmp_pat
     bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bn
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    feat, proj, _ = one_step_grads(model, freeze_bn=True)
+    feat, proj, _ = one_step_grads(model, "distill", freeze_bn=True)
     assert all(not m.training for m in bn) and model.featurizer.training
     assert all(g is not None for g in feat.values()) and all(g is None for g in proj.values())
     assert all(m.weight.grad is not None and m.bias.grad is not None for m in bn)  # affine still trains
@@ -163,7 +177,7 @@ def test_unknown_timm_name_suggests(name, meant):
     assert f"Unknown student '{name}'" in str(e.value)
     assert f"'{meant}'" in str(e.value)
     with pytest.raises(UserError, match="Did you mean"):
-        create_student(name, class_embeddings(), 100.0, pretrained=False)
+        create_student(name, "text", 3, class_embeddings(), 100.0, pretrained=False)
 
 
 def test_bad_model_kwargs_is_a_user_error():

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import make_cached_toy
+from conftest import make_cached_toy, train_method
 
 import vl2v.embed
 import vl2v.teacher
@@ -20,6 +20,7 @@ from vl2v.batches import StepBatches, step_loader
 from vl2v.cache import load_dataset_targets
 from vl2v.config import TrainConfig
 from vl2v.data import all_splits, build_eval_transform, load_rgb
+from vl2v.methods import get_method
 from vl2v.runtime import load_checkpoint
 from vl2v.student import DataConfig
 from vl2v.train import Context, prepare_data
@@ -63,9 +64,9 @@ def trained(setup):
     flags = {**TINY, "steps": 7, "checkpoint_freq": 2, "lr": 3e-3, "test_envs": ("art",)}
     with pytest.MonkeyPatch.context() as mp:
         no_teacher(mp)
-        align_dir, align_finals = pipeline.align(root, flags, run_dir=tmp / "runs" / "align", cache_dir=cache)
+        align_dir, align_finals = train_method("align", root, flags, tmp / "runs" / "align", cache)
         distill_flags = {k: v for k, v in flags.items() if k not in ("student", "pretrained", "image_size")}
-        distill_dir, distill_finals = pipeline.distill(align_dir, distill_flags, run_dir=tmp / "runs" / "distill")
+        distill_dir, distill_finals = train_method("distill", None, distill_flags, tmp / "runs" / "distill", from_run=align_dir)
     return align_dir, align_finals, distill_dir, distill_finals
 
 
@@ -82,7 +83,7 @@ def test_align_and_distill_train_from_the_cache_alone(trained, setup):
         assert not (run_dir / "env0" / "checkpoint.pt").exists()  # resume state removed when done
         assert not (run_dir / "env1").exists() and not (run_dir / "env2").exists()  # only --test-env art
     info = runs.run_info(distill_dir)
-    assert info["config"]["stage"] == "distill" and info["from_run"] == str(align_dir.resolve())
+    assert info["config"]["method"] == "distill" and info["from_run"] == str(align_dir.resolve())
 
 
 def test_head_is_the_cached_class_embeddings_times_logit_scale(trained, setup):
@@ -93,7 +94,7 @@ def test_head_is_the_cached_class_embeddings_times_logit_scale(trained, setup):
     for run_dir in (align_dir, distill_dir):
         for name in ("best.pt", "swad.pt"):
             state = load_checkpoint(run_dir / "env0" / name)
-            assert torch.allclose(state["classifier"], targets.text * targets.logit_scale), (run_dir, name)
+            assert torch.allclose(state["head.classifier"], targets.text * targets.logit_scale), (run_dir, name)
 
 
 def test_distill_keeps_the_align_projection_and_trains_the_featurizer(trained):
@@ -101,8 +102,8 @@ def test_distill_keeps_the_align_projection_and_trains_the_featurizer(trained):
     start = load_checkpoint(align_dir / "env0" / "best.pt")
     for name in ("best.pt", "swad.pt"):
         end = load_checkpoint(distill_dir / "env0" / name)
-        assert torch.equal(end["projection.weight"], start["projection.weight"])
-        assert torch.equal(end["projection.bias"], start["projection.bias"])
+        assert torch.equal(end["head.projection.weight"], start["head.projection.weight"])
+        assert torch.equal(end["head.projection.bias"], start["head.projection.bias"])
         changed = [k for k in end if k.startswith("featurizer.") and not torch.equal(end[k], start[k])]
         assert len(changed) > 10, changed
 
@@ -112,7 +113,7 @@ def test_align_trains_the_projection_only(trained, setup):
     best, swad = load_checkpoint(align_dir / "env0" / "best.pt"), load_checkpoint(align_dir / "env0" / "swad.pt")
     feats = [k for k in best if k.startswith("featurizer.")]
     assert feats and all(torch.equal(best[k], swad[k]) for k in feats)  # the featurizer never moved
-    assert not torch.equal(best["projection.weight"], swad["projection.weight"])
+    assert not torch.equal(best["head.projection.weight"], swad["head.projection.weight"])
 
 
 # --- SWAD wiring ----------------------------------------------------------------------------------
@@ -173,31 +174,32 @@ def test_swad_and_selection_wiring_with_scripted_validation(setup, monkeypatch, 
 
     class Recording(vl2v.train.AveragedModel):
         def update_parameters(self, model):
-            steps_w.append(model.projection.weight.detach().clone())
+            steps_w.append(model.head.projection.weight.detach().clone())
             return super().update_parameters(model)
 
     monkeypatch.setattr(vl2v.train, "evaluate", scripted)
     monkeypatch.setattr(vl2v.train, "AveragedModel", Recording)
-    flags = {**TINY, "steps": 7, "checkpoint_freq": 2, "lr": 1e-2, "test_envs": ("photo",)}
-    run_dir, finals = pipeline.align(root, flags, run_dir=tmp / "scripted" / str(losses[0]), cache_dir=cache)
+    flags = {**TINY, "steps": 7, "checkpoint_freq": 2, "lr": 1e-2, "test_envs": ("photo",), "model_save": 0}
+    run_dir, finals = train_method("align", root, flags, tmp / "scripted" / str(losses[0]), cache)
     assert len(seen) == 5 and len(steps_w) == 7  # 4 checkpoints + the SWAD model; one update per step
 
     tdv, swad = finals["photo"]["training-domain validation"], finals["photo"]["SWAD"]
-    best_state, best_record = seen[2]
+    _, best_record = seen[2]
     assert tdv["step"] == 4 and tdv["tr_outacc"] == 0.9
     assert tdv["test_in_acc"] == best_record["env1_in_acc"] and tdv["test_acc"] == best_record["test_acc"]
-    assert weights_equal(load_checkpoint(run_dir / "env1" / "best.pt"), best_state)
+    # best.pt (what Distill starts from) takes the tie at 0.9 by the later checkpoint (step 6)
+    assert weights_equal(load_checkpoint(run_dir / "env1" / "best.pt"), seen[3][0])
 
     swad_state = load_checkpoint(run_dir / "env1" / "swad.pt")
-    assert torch.allclose(swad_state["projection.weight"], swad_of(steps_w), atol=1e-6)
-    assert not torch.allclose(swad_state["projection.weight"], steps_w[6], atol=1e-4)
+    assert torch.allclose(swad_state["head.projection.weight"], swad_of(steps_w), atol=1e-6)
+    assert not torch.allclose(swad_state["head.projection.weight"], steps_w[6], atol=1e-4)
     assert weights_equal(swad_state, seen[4][0])  # the SWAD record evaluates exactly swad.pt
     assert swad["step"] == 6 and swad["test_in_acc"] == seen[4][1]["env1_in_acc"]
 
 
 def test_no_swad_means_validation_selection_only(setup):
     tmp, root, cache = setup
-    run_dir, finals = pipeline.align(root, {**TINY, "steps": 2, "checkpoint_freq": 1, "swad": False, "test_envs": ("sketch",)}, run_dir=tmp / "noswad", cache_dir=cache)
+    run_dir, finals = train_method("align", root, {**TINY, "steps": 2, "checkpoint_freq": 1, "swad": False, "test_envs": ("sketch",)}, tmp / "noswad", cache)
     assert list(finals["sketch"]) == ["training-domain validation"]
     assert not (run_dir / "env2" / "swad.pt").exists() and (run_dir / "env2" / "best.pt").exists()
     assert [r["selection"] for r in records(run_dir / "env2") if r["kind"] == "final"] == ["training-domain validation"]
@@ -212,7 +214,8 @@ def context(setup, **kw) -> Context:
     index, targets = load_dataset_targets(root, cache)
     labels = torch.tensor([f.label for f in index.files])
     data_cfg = DataConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    return Context(cfg, tmp / "unused", index, targets, all_splits(index, cfg.trial_seed, cfg.holdout), labels, torch.device("cpu"), None, None, data_cfg)
+    splits = all_splits(index, cfg.trial_seed, cfg.holdout)
+    return Context(cfg, get_method(cfg.method), tmp / "unused", index, targets, splits, labels, torch.device("cpu"), None, None, None, data_cfg)
 
 
 def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -283,7 +286,7 @@ def test_same_seed_same_records_other_seed_differs(setup):
     results = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         torch.manual_seed(1000 + len(results))  # whatever state the process is in: the run seeds itself
-        run_dir, _ = pipeline.align(root, {**flags, "seed": seed}, run_dir=tmp / "seeds" / name, cache_dir=cache)
+        run_dir, _ = train_method("align", root, {**flags, "seed": seed}, tmp / "seeds" / name, cache)
         results[name] = (records(run_dir / "env1"), load_checkpoint(run_dir / "env1" / "swad.pt"))
     assert results["a"][0] == results["b"][0]
     assert weights_equal(results["a"][1], results["b"][1])
@@ -297,8 +300,8 @@ def test_held_out_domain_result_does_not_depend_on_the_others_trained_before(set
     """Leave-one-domain-out runs are independent: env2 alone equals env2 after env0 and env1."""
     tmp, root, cache = setup
     flags = {**TINY, "steps": 2, "checkpoint_freq": 1}
-    alone, _ = pipeline.align(root, {**flags, "test_envs": ("sketch",)}, run_dir=tmp / "order" / "alone", cache_dir=cache)
-    every, _ = pipeline.align(root, flags, run_dir=tmp / "order" / "every", cache_dir=cache)
+    alone, _ = train_method("align", root, {**flags, "test_envs": ("sketch",)}, tmp / "order" / "alone", cache)
+    every, _ = train_method("align", root, flags, tmp / "order" / "every", cache)
     assert records(alone / "env2") == records(every / "env2")
 
 
@@ -308,7 +311,7 @@ def test_held_out_domain_result_does_not_depend_on_the_others_trained_before(set
 def test_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(setup, monkeypatch):
     tmp, root, cache = setup
     modes = []
-    real = vl2v.train.create_student
+    real = vl2v.train.build_student
 
     def create_with_hooks(*args, **kwargs):
         model, data_cfg = real(*args, **kwargs)
@@ -317,11 +320,11 @@ def test_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(setup, monkeypatc
                 m.register_forward_pre_hook(lambda mod, inp, root=model: modes.append((root.training, mod.training)))
         return model, data_cfg
 
-    monkeypatch.setattr(vl2v.train, "create_student", create_with_hooks)
+    monkeypatch.setattr(vl2v.train, "build_student", create_with_hooks)
     flags = {**TINY, "student": "test_resnet", "model_kwargs": {"zero_init_last": False}, "steps": 3, "checkpoint_freq": 2, "lr": 1e-2, "test_envs": ("photo",)}
-    align_dir, _ = pipeline.align(root, flags, run_dir=tmp / "bn" / "align", cache_dir=cache)
+    align_dir, _ = train_method("align", root, flags, tmp / "bn" / "align", cache)
     distill_flags = {k: v for k, v in flags.items() if k not in ("student", "pretrained", "image_size", "model_kwargs")}
-    distill_dir, _ = pipeline.distill(align_dir, distill_flags, run_dir=tmp / "bn" / "distill")
+    distill_dir, _ = train_method("distill", None, distill_flags, tmp / "bn" / "distill", from_run=align_dir)
 
     training = [bn for model, bn in modes if model]
     assert len(training) > 0 and not any(training)  # every BatchNorm call in a training step: eval mode
@@ -343,7 +346,7 @@ def test_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(setup, monkeypatc
 def test_swad_model_gets_its_own_batchnorm_statistics_when_bn_is_not_frozen(setup):
     tmp, root, cache = setup
     flags = {**TINY, "student": "test_resnet", "model_kwargs": {"zero_init_last": False}, "steps": 5, "checkpoint_freq": 2, "freeze_bn": False, "test_envs": ("photo",)}
-    run_dir, _ = pipeline.align(root, flags, run_dir=tmp / "bn_train", cache_dir=cache)
+    run_dir, _ = train_method("align", root, flags, tmp / "bn_train", cache)
     swad, best = load_checkpoint(run_dir / "env1" / "swad.pt"), load_checkpoint(run_dir / "env1" / "best.pt")
     counts = [k for k in swad if k.endswith("num_batches_tracked")]
     assert counts and all(int(swad[k]) == 5 for k in counts)  # re-estimated over min(steps, 32) batches

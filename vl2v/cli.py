@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vl2v.config import TrainConfig
+from vl2v.config import DEFAULT_TEACHER, INHERITED, TrainConfig
 from vl2v.runtime import UserError
 
 app = typer.Typer(
@@ -160,7 +162,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 @command
 def embed(
     root: DatasetArg,
-    teacher: Annotated[str, typer.Option(help="open_clip MODEL:PRETRAINED, hf-hub:ORG/REPO, or CONFIG.json[:WEIGHTS.pt].")] = "ViT-B-16-quickgelu:openai",
+    teacher: Annotated[str, typer.Option(help="open_clip MODEL:PRETRAINED, hf-hub:ORG/REPO, or CONFIG.json[:WEIGHTS.pt].")] = DEFAULT_TEACHER,
     prompts: Annotated[str, typer.Option(help="Prompt style (photo, name, domains, imagenet80) or a file of templates with '{}'.")] = "photo",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder. Default: $VL2V_CACHE or ./cache, then <dataset>/<teacher>.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per teacher forward pass.")] = 128,
@@ -198,56 +200,53 @@ def main() -> None:
 
 
 # --- training -------------------------------------------------------------------------------------
-D = TrainConfig()
 
 
-def _opt(help_text: str, *names: str):
-    return typer.Option(*names, help=help_text, show_default=False)
+def _flag_annotation(f: dataclasses.Field):
+    """A typer option for a TrainConfig field; None means "not given" (vl2v.config.resolve_config)."""
+    flag = f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = f.metadata.get("shown") or (flag if default is True else f"no-{flag}" if default is False else default)
+    help_text = f"{f.metadata['help']} \\[default: {shown}]"
+    if isinstance(default, bool):
+        return Annotated[Optional[bool], typer.Option(f"--{flag}/--no-{flag}", help=help_text, show_default=False)]
+    if f.name == "test_envs":
+        return Annotated[Optional[list[str]], typer.Option("--test-env", help=help_text, show_default=False)]
+    kind = {dict: list[str], type(None): int}.get(type(default), type(default))
+    return Annotated[Optional[kind], typer.Option(f"--{flag}", help=help_text, show_default=False)]
 
 
-# Every training flag defaults to None, meaning "not given": the config file and the dataset's
-# overrides then decide (vl2v.config.resolve_config). Help texts state the effective default.
-Student = Annotated[Optional[str], _opt(f"timm model name or alias (rn50, vitb, vits, deits). \\[default: {D.student}]")]
-Pretrained = Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from timm's pretrained weights. \\[default: pretrained]", show_default=False)]
-ImageSize = Annotated[Optional[int], _opt("Student input size. \\[default: the student's pretrained size]")]
-ModelKwargs = Annotated[Optional[list[str]], _opt("Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False. \\[default: none]")]
-Lr = Annotated[Optional[float], _opt(f"Adam learning rate. \\[default: {D.lr}]")]
-WeightDecay = Annotated[Optional[float], _opt(f"Adam weight decay. \\[default: {D.weight_decay}]")]
-BatchSize = Annotated[Optional[int], _opt(f"Images per training domain per step. \\[default: {D.batch_size}]")]
-Steps = Annotated[Optional[int], _opt(f"Training steps. \\[default: {D.steps}; DomainNet 15001]")]
-CheckpointFreq = Annotated[Optional[int], _opt(f"Validate and checkpoint every N steps. \\[default: {D.checkpoint_freq}; DomainNet 1000]")]
-FreezeBn = Annotated[Optional[bool], typer.Option("--freeze-bn/--no-freeze-bn", help="Keep BatchNorm layers in eval mode. \\[default: freeze-bn]", show_default=False)]
-Lmd = Annotated[Optional[float], _opt(f"Weight of the image-embedding term of the loss. \\[default: {D.lmd}]")]
-Holdout = Annotated[Optional[float], _opt(f"Fraction of each domain held out for validation. \\[default: {D.holdout}]")]
-TrialSeed = Annotated[Optional[int], _opt(f"DomainBed trial seed (the in/out split). \\[default: {D.trial_seed}]")]
-Seed = Annotated[Optional[int], _opt(f"Seed of batches and augmentation. \\[default: {D.seed}]")]
-TestEnv = Annotated[Optional[list[str]], _opt("Held-out domain (repeatable). \\[default: every domain in turn]", "--test-env")]
-Swad = Annotated[Optional[bool], typer.Option("--swad/--no-swad", help="Average weights over SWAD's loss valley. \\[default: swad]", show_default=False)]
-Workers = Annotated[Optional[int], _opt(f"Image-decoding worker processes. \\[default: {D.workers}]")]
-Device = Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N. \\[default: auto]")]
-Precision = Annotated[Optional[str], _opt("fp32, or fp16 / bf16 autocast on CUDA. \\[default: fp32]")]
-EvalBatch = Annotated[Optional[int], _opt(f"Images per evaluation batch. \\[default: {D.eval_batch_size}]")]
-ConfigFile = Annotated[Optional[Path], _opt("JSON file of training settings (below flags, above dataset defaults). \\[default: none]", "--config")]
-RunDir = Annotated[Optional[Path], _opt("Run directory. \\[default: runs/<dataset>/<student>/trial<T>/<stage>]")]
-CacheDir = Annotated[Optional[Path], _opt("Teacher cache folder. \\[default: ./cache/<dataset>/<teacher>]")]
-Teacher = Annotated[str, typer.Option(help="Teacher whose cache to train from (see `vl2v embed --teacher`).")]
+def training_flags(*, methods: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
+    """Give a command a flag for every TrainConfig setting that applies to `methods` (all: every
+    method), collected into its `flags` argument under TrainConfig's names, given ones only."""
 
-TRAIN_FLAGS = (
-    "student pretrained image_size model_kwargs lr weight_decay batch_size steps checkpoint_freq freeze_bn "
-    "lmd holdout trial_seed seed test_env swad workers device precision eval_batch_size"
-).split()
+    def decorate(fn):
+        fields = [
+            f for f in dataclasses.fields(TrainConfig)
+            if f.metadata["flag"] and f.name not in exclude and (not methods or not f.metadata["methods"] or set(methods) & set(f.metadata["methods"]))
+        ]
+        names = [f.name for f in fields]
 
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            flags = {name: kwargs.pop(name) for name in names}
+            if flags.get("test_envs"):
+                flags["test_envs"] = tuple(flags["test_envs"])
+            if flags.get("model_kwargs"):
+                flags["model_kwargs"] = parse_kwargs(flags["model_kwargs"])
+            return fn(*args, flags={k: v for k, v in flags.items() if v is not None}, **kwargs)
 
-def train_flags(values: dict) -> dict:
-    """The training flags given on the command line, under TrainConfig's names."""
-    flags = {k: values[k] for k in TRAIN_FLAGS}
-    flags["test_envs"] = tuple(flags.pop("test_env")) if flags["test_env"] else None
-    flags["model_kwargs"] = parse_kwargs(flags["model_kwargs"]) if flags["model_kwargs"] else None
-    return flags
+        sig = inspect.signature(fn, eval_str=True)  # this module's annotations are strings
+        own = [p for p in sig.parameters.values() if p.name != "flags"]
+        extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_flag_annotation(f)) for f in fields]
+        wrapper.__signature__ = sig.replace(parameters=[*own, *extra])
+        return wrapper
+
+    return decorate
 
 
 def parse_kwargs(items: list[str]) -> dict:
-    """KEY=VALUE pairs; values parsed as JSON when they are (numbers, true/false), else strings."""
+    """KEY=VALUE pairs; values parsed as JSON when they are (numbers, true/false, objects), else strings."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -261,8 +260,11 @@ def parse_kwargs(items: list[str]) -> dict:
     return out
 
 
-def train_progress(description: str):
-    return progress_bar(description, unit="step")
+def config_for(method: str, dataset_name: str, config_file: Path | None, flags: dict) -> TrainConfig:
+    from vl2v.config import resolve_config
+    from vl2v.data import domainbed_info
+
+    return resolve_config(domainbed_info(dataset_name), config_file, {**flags, "method": method})
 
 
 def print_rows(rows: list[dict], as_json: bool, markdown: bool) -> None:
@@ -278,95 +280,98 @@ def print_rows(rows: list[dict], as_json: bool, markdown: bool) -> None:
             out.print(table)
 
 
-def print_results(finals: dict, as_json: bool) -> None:
+def train_and_report(root: Path | None, cfg: TrainConfig, run_dir: Path | None, cache_dir: Path | None, teacher: str,
+                     from_run: Path | None, as_json: bool) -> None:
+    from vl2v import pipeline
     from vl2v.tables import finals_table
 
-    if as_json:
-        print_json(finals)
-    else:
-        out.print(finals_table(finals))
-
-
-@command
-def align(
-    root: DatasetArg,
-    student: Student = None, pretrained: Pretrained = None, image_size: ImageSize = None, model_kwargs: ModelKwargs = None,
-    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
-    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, holdout: Holdout = None,
-    trial_seed: TrialSeed = None, seed: Seed = None, test_env: TestEnv = None, swad: Swad = None, workers: Workers = None,
-    device: Device = None, precision: Precision = None, eval_batch_size: EvalBatch = None,
-    config: ConfigFile = None, run_dir: RunDir = None, cache_dir: CacheDir = None,
-    teacher: Teacher = "ViT-B-16-quickgelu:openai", as_json: JsonOpt = False,
-) -> None:
-    """Stage 1: train the projection onto the teacher's embeddings (featurizer frozen), per held-out domain."""
-    from vl2v import pipeline
-
-    with train_progress("align") as update:
-        run, finals = pipeline.align(root, train_flags(locals()), config, run_dir, cache_dir, teacher, progress=update)
-    print_results(finals, as_json)
+    with progress_bar(cfg.method, unit="step") as update:
+        run, finals = pipeline.train(root, cfg, run_dir, cache_dir, teacher, from_run, progress=update)
+    print_json(finals) if as_json else out.print(finals_table(finals))
     err.print(f"run directory: {run}")
 
 
-@command
-def distill(
-    from_run: Annotated[Path, typer.Option("--from", help="The Align run directory to start from.")],
-    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
-    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, seed: Seed = None,
-    test_env: TestEnv = None, swad: Swad = None, workers: Workers = None, device: Device = None,
-    precision: Precision = None, eval_batch_size: EvalBatch = None,
-    config: ConfigFile = None, run_dir: RunDir = None, as_json: JsonOpt = False,
-) -> None:
-    """Stage 2: train the featurizer (projection frozen) from each held-out domain's Align model."""
-    from vl2v import pipeline
-
-    flags = {k: v for k, v in locals().items() if k in TRAIN_FLAGS}
-    flags.update(student=None, pretrained=None, image_size=None, model_kwargs=None, holdout=None, trial_seed=None)
-    with train_progress("distill") as update:
-        run, finals = pipeline.distill(from_run, train_flags(flags), config, run_dir, progress=update)
-    print_results(finals, as_json)
-    err.print(f"run directory: {run}")
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="JSON file of training settings (below flags, above dataset defaults). \\[default: none]", show_default=False)]
+RunDir = Annotated[Optional[Path], typer.Option(help="Run directory. \\[default: runs/<dataset>/<student>/trial<T>/<method>]", show_default=False)]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Teacher cache folder. \\[default: ./cache/<dataset>/<teacher>]", show_default=False)]
+Teacher = Annotated[str, typer.Option(help="Teacher whose cache to train from (see `vl2v embed --teacher`).")]
+FromRun = Annotated[Optional[Path], typer.Option("--from", help="The run to continue (Distill: an Align run). \\[default: none]", show_default=False)]
 
 
 @command
-def run(
-    root: DatasetArg,
-    student: Student = None, pretrained: Pretrained = None, image_size: ImageSize = None, model_kwargs: ModelKwargs = None,
-    lr: Lr = None, weight_decay: WeightDecay = None, batch_size: BatchSize = None, steps: Steps = None,
-    checkpoint_freq: CheckpointFreq = None, freeze_bn: FreezeBn = None, lmd: Lmd = None, holdout: Holdout = None,
-    seed: Seed = None, test_env: TestEnv = None, swad: Swad = None, workers: Workers = None,
-    device: Device = None, precision: Precision = None, eval_batch_size: EvalBatch = None,
-    config: ConfigFile = None, cache_dir: CacheDir = None,
-    teacher: Annotated[str, typer.Option(help="open_clip teacher (see `vl2v embed --teacher`).")] = "ViT-B-16-quickgelu:openai",
-    prompts: Annotated[str, typer.Option(help="Prompt style or template file (see `vl2v embed`).")] = "photo",
-    trials: Annotated[int, typer.Option(help="Trial seeds 0..N-1, for mean ± std.")] = 1,
-    runs_root: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
-    as_json: JsonOpt = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the results table as Markdown.")] = False,
-) -> None:
-    """The whole pipeline: embed (if needed), Align then Distill for every held-out domain, results."""
+@training_flags(methods=("align",))
+def align(root: DatasetArg, config: ConfigFile = None, run_dir: RunDir = None, cache_dir: CacheDir = None,
+          teacher: Teacher = DEFAULT_TEACHER, as_json: JsonOpt = False, *, flags: dict) -> None:
+    """VL2V-ADiP stage 1: train the projection onto the teacher's embeddings (featurizer frozen), per held-out domain."""
+    cfg = config_for("align", root.resolve().name, config, flags)
+    train_and_report(root, cfg, run_dir, cache_dir, teacher, None, as_json)
+
+
+@command
+@training_flags(methods=("distill",), exclude=INHERITED)
+def distill(from_run: Annotated[Path, typer.Option("--from", help="The Align run directory to start from.")],
+            config: ConfigFile = None, run_dir: RunDir = None, as_json: JsonOpt = False, *, flags: dict) -> None:
+    """VL2V-ADiP stage 2: train the featurizer (projection frozen) from each held-out domain's Align model."""
+    from vl2v import runs
+
+    cfg = config_for("distill", runs.run_info(from_run)["dataset"]["name"], config, flags)
+    train_and_report(None, cfg, run_dir, None, DEFAULT_TEACHER, from_run, as_json)
+
+
+@command
+@training_flags()
+def train(root: Annotated[Optional[Path], typer.Argument(help="Dataset folder (not needed with --from).", show_default=False)] = None,
+          method: Annotated[str, typer.Option(help="align, distill, erm or kd (see the README's Methods).")] = "erm",
+          from_run: FromRun = None, config: ConfigFile = None, run_dir: RunDir = None, cache_dir: CacheDir = None,
+          teacher: Teacher = DEFAULT_TEACHER, as_json: JsonOpt = False, *, flags: dict) -> None:
+    """Train any method (vl2v.methods) on every held-out domain."""
+    from vl2v import runs
+    from vl2v.methods import get_method
+
+    if get_method(method).starts_from and from_run is None:
+        raise UserError(f"--method {method} starts from a run of method '{get_method(method).starts_from}': pass --from RUN_DIR.")
+    name = runs.run_info(from_run)["dataset"]["name"] if from_run else (root or Path()).resolve().name
+    cfg = config_for(method, name, config, flags)
+    train_and_report(root, cfg, run_dir, cache_dir, teacher, from_run, as_json)
+
+
+@command
+@training_flags(exclude=("trial_seed",))
+def run(root: DatasetArg,
+        methods: Annotated[str, typer.Option(help="Comma-separated methods to compare: adip (Align then Distill), align, distill, erm, kd.")] = "adip",
+        trials: Annotated[int, typer.Option(help="Trial seeds 0..N-1, for mean ± std.")] = 1,
+        run_dir: Annotated[Optional[Path], typer.Option(help="Experiment folder holding trial<T>/<method> runs. \\[default: runs/<dataset>/<student>]", show_default=False)] = None,
+        config: ConfigFile = None, cache_dir: CacheDir = None,
+        teacher: Annotated[str, typer.Option(help="open_clip teacher (see `vl2v embed --teacher`).")] = DEFAULT_TEACHER,
+        prompts: Annotated[str, typer.Option(help="Prompt style or template file (see `vl2v embed`).")] = "photo",
+        as_json: JsonOpt = False,
+        markdown: Annotated[bool, typer.Option("--markdown", help="Print the results table as Markdown.")] = False,
+        *, flags: dict) -> None:
+    """Compare methods: embed (if needed), train each on the same splits, seeds and batches, one table."""
     from vl2v import pipeline
 
-    flags = train_flags({**locals(), "trial_seed": None})
-    with progress_bar("pipeline", unit="step") as update:
-        rows = pipeline.run_all(root, flags, config, cache_dir, teacher, prompts, trials, runs_root, progress=update)
+    cfg = config_for("align", root.resolve().name, config, flags)
+    with progress_bar("run", unit="step") as update:
+        rows = pipeline.run_all(root, cfg, [m.strip() for m in methods.split(",") if m.strip()], trials, run_dir, cache_dir, teacher, prompts, progress=update)
     print_rows(rows, as_json, markdown)
 
 
 @command
 def results(
     runs_root: Annotated[Path, typer.Argument(help="Folder holding run directories (searched recursively).")] = Path("runs"),
+    selection: Annotated[str, typer.Option(help="Model selection from the checkpoint records: training-domain, oracle (the held-out domain's out split) or last. SWAD is its own row.")] = "training-domain",
     metric: Annotated[str, typer.Option(help="test_in_acc (DomainBed: the held-out domain's 'in' split) or test_acc (whole domain).")] = "test_in_acc",
     as_json: JsonOpt = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables.")] = False,
 ) -> None:
-    """DomainBed-style tables: rows (student, stage, selection), columns the held-out domains and their average."""
+    """DomainBed-style tables: rows (student, method, selection), columns the held-out domains and their average."""
     from vl2v.results import collect
 
     if metric not in ("test_in_acc", "test_acc"):
         raise UserError(f"--metric must be test_in_acc or test_acc, not '{metric}'.")
-    rows = collect(runs_root, metric)
+    rows = collect(runs_root, metric, selection)
     if not rows:
-        raise UserError(f"No finished runs under {runs_root}. Train with `vl2v run` or `vl2v align`.")
+        raise UserError(f"No finished runs under {runs_root}. Train with `vl2v run`, `vl2v train` or `vl2v align`.")
     print_rows(rows, as_json, markdown)
 
 

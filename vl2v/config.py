@@ -9,58 +9,86 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vl2v.data import DomainBedInfo, suggest
+from vl2v.methods import get_method
 from vl2v.runtime import UserError
 
-STAGES = ("align", "distill")
+def setting(default, help: str, *, flag: bool = True, methods: tuple[str, ...] = (), **kw):
+    """A TrainConfig field with its CLI help. `flag=False`: config file only; `methods`: only the
+    commands that can run one of these methods show the flag."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, "flag": flag, "methods": methods, **kw})
+
+
+DEFAULT_TEACHER = "ViT-B-16-quickgelu:openai"  # the paper's OpenAI CLIP ViT-B/16 (QuickGELU)
+# Settings a continuing run (Distill) takes from the run it continues: they fix the model and splits.
+INHERITED = ("student", "pretrained", "image_size", "model_kwargs", "holdout", "trial_seed")
+NO_TEST_ENV = "none"  # --test-env none: a deployment run, every domain trains
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One stage of VL2V-ADiP. Align and Distill differ only in `stage` (what is frozen, where it starts)."""
+    """Every training setting, with the paper's defaults. The CLI's training flags are made from these
+    fields (vl2v.cli), so a new setting is this one edit."""
 
-    stage: str = "align"
-    student: str = "vits"  # a timm name or an alias of vl2v.student.ALIASES
-    pretrained: bool = True
-    image_size: int | None = None  # None: the student's pretrained input size
-    model_kwargs: dict = field(default_factory=dict)  # extra timm create_model arguments
-    lr: float = 5e-5  # Adam, as the paper
-    weight_decay: float = 0.0
-    batch_size: int = 32  # per training domain per step
-    steps: int = 5001  # DomainNet: 15001
-    checkpoint_freq: int = 200  # DomainNet: 1000
-    freeze_bn: bool = True
-    lmd: float = 0.5  # weight of the image-embedding term of the loss
-    holdout: float = 0.2  # each domain's "out" fraction (DomainBed)
-    trial_seed: int = 0  # picks the in/out split
-    seed: int = 0  # picks batches and augmentation
-    test_envs: tuple[str, ...] = ()  # held-out domains; empty: every domain in turn
-    swad: bool = True
-    n_converge: int = 3
-    n_tolerance: int = 6
-    tolerance_ratio: float = 0.3
-    workers: int = min(4, os.cpu_count() or 1)
-    device: str = "auto"
-    precision: str = "fp32"
-    eval_batch_size: int = 128
+    method: str = setting("align", "Training method (see `vl2v.methods`).", flag=False)
+    student: str = setting("vits", "timm model name or alias (rn50, vitb, vits, deits), or `teacher` for the teacher's own image tower (white box).")
+    pretrained: bool = setting(True, "Start from timm's pretrained weights.")
+    image_size: int | None = setting(None, "Student input size.", shown="the student's pretrained size")
+    model_kwargs: dict = setting(dict, "Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False.", shown="none")
+    lr: float = setting(5e-5, "Adam learning rate.")
+    weight_decay: float = setting(0.0, "Adam weight decay.")
+    batch_size: int = setting(32, "Images per training domain per step.")
+    steps: int = setting(5001, "Training steps.", shown="5001; DomainNet 15001")
+    checkpoint_freq: int = setting(200, "Validate and checkpoint every N steps.", shown="200; DomainNet 1000")
+    model_save: int = setting(100, "best.pt (what Distill starts from) is the best training-domain validation checkpoint at a step ≥ N, ties to the later.")
+    freeze_bn: bool = setting(True, "Keep BatchNorm layers in eval mode.")
+    lmd: float = setting(0.5, "Weight of the image-embedding term of the Align/Distill loss.", methods=("align", "distill"))
+    kd_temperature: float = setting(4.0, "KD: softmax temperature of teacher and student logits.", methods=("kd",))
+    kd_weight: float = setting(0.5, "KD: weight of the KL term (1 − it weighs the label cross-entropy).", methods=("kd",))
+    holdout: float = setting(0.2, "Fraction of each domain held out for validation.")
+    trial_seed: int = setting(0, "DomainBed trial seed (the in/out split).")
+    seed: int = setting(0, "Seed of batches, augmentation and initial weights.")
+    test_envs: tuple[str, ...] = setting(tuple, "Held-out domain (repeatable); `none`: train on every domain (a model to deploy).", shown="every domain in turn")
+    swad: bool = setting(True, "Average weights over SWAD's loss valley.")
+    n_converge: int = setting(3, "SWAD: checkpoints whose oldest must be the lowest loss.", flag=False)
+    n_tolerance: int = setting(6, "SWAD: checkpoints the valley may stay above its threshold.", flag=False)
+    tolerance_ratio: float = setting(0.3, "SWAD: threshold = (1 + ratio) × the converged mean loss.", flag=False)
+    workers: int = setting(min(4, os.cpu_count() or 1), "Image-decoding worker processes.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    precision: str = setting("fp32", "fp32, or fp16 / bf16 autocast on CUDA.")
+    eval_batch_size: int = setting(128, "Images per evaluation batch.")
+    log: str = setting("none", "Training curves: none, or tensorboard (scalars beside results.jsonl).")
 
     def __post_init__(self):
         _check_types(self)
-        if self.stage not in STAGES:
-            raise UserError(f"Unknown stage '{self.stage}'; choose {' or '.join(STAGES)}.")
+        get_method(self.method)
         positive = {"steps": self.steps, "checkpoint_freq": self.checkpoint_freq, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, not {value}.")
         if not 0.0 < self.holdout < 1.0:
             raise UserError(f"--holdout must be between 0 and 1, not {self.holdout}.")
-        if not 0.0 <= self.lmd <= 1.0:
-            raise UserError(f"--lmd must be between 0 and 1, not {self.lmd}.")
+        for name in ("lmd", "kd_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, not {getattr(self, name)}.")
+        if self.kd_temperature <= 0:
+            raise UserError(f"--kd-temperature must be > 0, not {self.kd_temperature}.")
+        if self.log not in LOGS:
+            raise UserError(f"--log must be one of {', '.join(LOGS)}, not '{self.log}'.")
         object.__setattr__(self, "test_envs", tuple(self.test_envs))
+        if NO_TEST_ENV in self.test_envs and len(self.test_envs) > 1:
+            raise UserError("--test-env none (train on every domain) cannot be combined with held-out domains.")
+
+    @property
+    def deploy(self) -> bool:
+        """A run with no held-out domain: one model trained on every domain."""
+        return self.test_envs == (NO_TEST_ENV,)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
+LOGS = ("none", "tensorboard")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _TYPES = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float)),
           str: ("a string", (str,)), dict: ("a JSON object", (dict,)), tuple: ("a list of domain names", (list, tuple))}

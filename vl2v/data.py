@@ -106,6 +106,7 @@ class DatasetIndex:
     ignored: dict[str, int] = field(default_factory=dict)
     missing_classes: dict[str, list[str]] = field(default_factory=dict)
     info: DomainBedInfo | None = None
+    empty_class_folders: list[str] = field(default_factory=list)  # "domain/class" folders without images
 
     @property
     def good(self) -> np.ndarray:
@@ -185,13 +186,16 @@ def scan_dataset(
             f"{root} has {len(domains)} domain folder(s) ({', '.join(domains) or 'none'}); "
             "leave-one-domain-out needs at least two: ROOT/<domain>/<class>/<image>."
         )
-    per_domain = {d: _subdirs(root / d) for d in domains}
-    classes = sorted(set().union(*per_domain.values()))
     ignored: dict[str, int] = {}
+    listed = {(d, c): _list_class_dir(root / d / c, ignored) for d in domains for c in _subdirs(root / d)}
+    # A class folder without images (say an empty "New folder") is not a class: reported, ignored.
+    empty = [f"{d}/{c}" for (d, c), paths in listed.items() if not paths]
+    per_domain = {d: [c for (dd, c), paths in listed.items() if dd == d and paths] for d in domains}
+    classes = sorted(set().union(*per_domain.values()))
     files = []
     for d_idx, domain in enumerate(domains):
         for cls in per_domain[domain]:
-            for path in _list_class_dir(root / domain / cls, ignored):
+            for path in listed[(domain, cls)]:
                 files.append(_image_file(root, path, d_idx, classes.index(cls)))
     if not files:
         raise UserError(f"No images found in {root} (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
@@ -204,6 +208,7 @@ def scan_dataset(
         ignored=ignored,
         missing_classes={d: [c for c in classes if c not in per_domain[d]] for d in domains},
         info=domainbed_info(root.name),
+        empty_class_folders=empty,
     )
     index.missing_classes = {d: m for d, m in index.missing_classes.items() if m}
     if check_images:
@@ -387,5 +392,6 @@ def describe_dataset(index: DatasetIndex, trial_seed: int = 0, holdout: float = 
         "missing_classes": index.missing_classes,
         "skipped": [{"path": f.path, "reason": f.error} for f in index.bad],
         "ignored": index.ignored,
+        "empty_class_folders": index.empty_class_folders,
         "fingerprint": index.fingerprint(),
     }

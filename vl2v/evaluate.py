@@ -12,7 +12,9 @@ from vl2v.batches import EvalImages
 from vl2v.cache import Targets
 from vl2v.data import DatasetIndex, build_eval_transform, scan_dataset
 from vl2v.runtime import Progress, UserError, load_checkpoint, resolve_device
-from vl2v.student import DataConfig, Student, create_featurizer
+from vl2v.config import TrainConfig
+from vl2v.methods import get_method
+from vl2v.student import DataConfig, build_student
 
 
 def teacher_zero_shot(targets: Targets, index: DatasetIndex, splits: dict[str, np.ndarray] | None = None) -> dict[str, float]:
@@ -40,11 +42,12 @@ def predict_logits(model: torch.nn.Module, batches, device: torch.device, amp: t
 
 
 def load_student(run_info: dict, weights: Path, device: torch.device) -> tuple[torch.nn.Module, DataConfig]:
-    """A trained student from its weights file; no download and no teacher: the text head is in it."""
-    cfg = run_info["config"]
+    """A trained student from its weights file; no download and no teacher: the head is in it."""
+    cfg = TrainConfig(**run_info["config"])
     state = load_checkpoint(weights)
-    featurizer, data_cfg = create_featurizer(cfg["student"], pretrained=False, image_size=cfg["image_size"], **cfg["model_kwargs"])
-    model = Student(featurizer, torch.zeros_like(state["classifier"]), 1.0)
+    method = get_method(cfg.method)
+    text = state.get("head.classifier")  # a text head's buffer: the class embeddings × logit scale
+    model, data_cfg = build_student(cfg, method.head, len(run_info["dataset"]["classes"]), text, 1.0, run_info["teacher"], pretrained=False)
     model.load_state_dict(state)
     return model.to(device), data_cfg
 

@@ -1,25 +1,18 @@
-"""The stages chained: default folders, Distill from its Align run, the whole pipeline in one call."""
+"""Methods chained over a dataset: default folders, a run continuing another, the comparison of
+several methods on the same splits, seeds and batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
 
 from vl2v import runs
-from vl2v.cache import default_cache_dir, load_dataset_targets, read_manifest
-from vl2v.config import resolve_config
-from vl2v.data import domainbed_info, scan_dataset
-from vl2v.embed import EmbedConfig, embed_all_parts
-from vl2v.evaluate import teacher_zero_shot
-from vl2v.results import collect
+from vl2v.config import DEFAULT_TEACHER, INHERITED, TrainConfig
+from vl2v.methods import expand_methods, get_method
 from vl2v.runtime import Progress, UserError
-from vl2v.student import resolve_student_name
-from vl2v.teacher import parse_teacher_spec
-from vl2v.train import train_run
 
-# Settings a Distill run takes from its Align run: they fix the model and the splits.
-INHERITED = ("student", "pretrained", "image_size", "model_kwargs", "holdout", "trial_seed")
 
 
 def cache_root() -> Path:
@@ -27,65 +20,126 @@ def cache_root() -> Path:
 
 
 def teacher_cache_dir(dataset_name: str, teacher: str) -> Path:
+    from vl2v.cache import default_cache_dir
+    from vl2v.teacher import parse_teacher_spec
+
     return default_cache_dir(cache_root(), dataset_name, parse_teacher_spec(teacher).slug)
 
 
-def default_run_dir(runs_root: Path, dataset: str, student: str, trial_seed: int, stage: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", resolve_student_name(student))
-    return Path(runs_root) / dataset / slug / f"trial{trial_seed}" / stage
+def student_slug(student: str) -> str:
+    from vl2v.student import TEACHER_STUDENT, resolve_student_name
+
+    name = student if student == TEACHER_STUDENT else resolve_student_name(student)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def align(root: Path, flags: dict, config_file: Path | None = None, run_dir: Path | None = None, cache_dir: Path | None = None,
-          teacher: str = "ViT-B-16-quickgelu:openai", progress: Progress | None = None, runs_root: Path = Path("runs")) -> tuple[Path, dict]:
-    """Stage 1 for every held-out domain. Returns the run directory and its final records."""
-    index = scan_dataset(root, check_images=False)
-    cfg = resolve_config(index.info, config_file, {**flags, "stage": "align"})
-    cache_dir = cache_dir or teacher_cache_dir(index.name, teacher)
-    run_dir = run_dir or default_run_dir(runs_root, index.name, cfg.student, cfg.trial_seed, "align")
-    return run_dir, train_run(index.root, cache_dir, cfg, run_dir, progress=progress)
+def experiment_dir(dataset_root: Path, student: str, base: Path = Path("runs")) -> Path:
+    """Where `vl2v run` puts its method runs by default: runs/<dataset>/<student>."""
+    return Path(base) / Path(dataset_root).resolve().name / student_slug(student)
 
 
-def distill(from_run: Path, flags: dict, config_file: Path | None = None, run_dir: Path | None = None, progress: Progress | None = None) -> tuple[Path, dict]:
-    """Stage 2 from each held-out domain's best Align model, with the Align run's model and splits."""
+def method_run_dir(experiment: Path, trial_seed: int, method: str) -> Path:
+    return Path(experiment) / f"trial{trial_seed}" / method
+
+
+def train(root: Path | None, cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
+          teacher: str = DEFAULT_TEACHER, from_run: Path | None = None, progress: Progress | None = None) -> tuple[Path, dict]:
+    """Train `cfg.method` on every held-out domain of `root` (a continuing method: of `from_run`'s
+    dataset, with its model and splits). Returns the run directory and its final records."""
+    from vl2v.train import train_run
+
+    method = get_method(cfg.method)
+    if method.starts_from:
+        root, cache_dir, cfg = _continue(from_run, cfg, method.starts_from)
+        run_dir = run_dir or Path(from_run).with_name(method.name if Path(from_run).name == method.starts_from else f"{Path(from_run).name}-{method.name}")
+    elif root is None:
+        raise UserError(f"Method {method.name} trains on a dataset: pass ROOT.")
+    if method.needs_cache and cache_dir is None:
+        cache_dir = teacher_cache_dir(Path(root).resolve().name, teacher)
+    run_dir = run_dir or method_run_dir(experiment_dir(root, cfg.student), cfg.trial_seed, method.name)
+    return run_dir, train_run(Path(root), cache_dir, cfg, run_dir, from_run=from_run, teacher=teacher if cache_dir is None else None, progress=progress)
+
+
+def _continue(from_run: Path | None, cfg: TrainConfig, start: str) -> tuple[Path, Path | None, TrainConfig]:
+    """Dataset, cache and settings of a run continuing `from_run`, which must be a finished `start` run."""
+    if from_run is None:
+        raise UserError(f"Method {cfg.method} starts from a run of method '{start}': pass --from RUN_DIR.")
     info = runs.run_info(from_run)
-    if info["config"]["stage"] != "align":
-        raise UserError(f"--from {from_run} is a {info['config']['stage']} run; Distill starts from an Align run.")
-    inherited = {k: info["config"][k] for k in INHERITED}
-    test_envs = flags.get("test_envs") or tuple(info["config"]["test_envs"])
-    given = {**flags, **inherited, "stage": "distill", "test_envs": test_envs}
-    cfg = resolve_config(domainbed_info(info["dataset"]["name"]), config_file, given)
+    if info["config"]["method"] != start:
+        raise UserError(f"--from {from_run} is a {info['config']['method']} run; {cfg.method} starts from a run of method '{start}'.")
+    test_envs = cfg.test_envs or tuple(info["config"]["test_envs"])
+    cfg = dataclasses.replace(cfg, **{k: info["config"][k] for k in INHERITED}, test_envs=test_envs)
     domains = info["dataset"]["domains"]
-    for name in cfg.test_envs or domains:
-        env = domains.index(name) if name in domains else None
-        if env is None or runs.read_final(runs.env_dir(from_run, env)) is None:
-            raise UserError(f"Align run {from_run} has no finished model for held-out domain '{name}'. Finish it first: vl2v align ... --run-dir {from_run}")
-    run_dir = run_dir or Path(from_run).with_name("distill" if Path(from_run).name == "align" else f"{Path(from_run).name}-distill")
-    return run_dir, train_run(Path(info["dataset"]["root"]), Path(info["cache_dir"]), cfg, run_dir, from_run=Path(from_run), progress=progress)
+    names = ["none"] if cfg.deploy else (cfg.test_envs or domains)
+    for name in names:
+        env = None if cfg.deploy else (domains.index(name) if name in domains else -1)
+        if env == -1 or runs.read_final(runs.env_dir(from_run, env)) is None:
+            raise UserError(f"{start} run {from_run} has no finished model for held-out domain '{name}'. Finish it first: vl2v {start} ... --run-dir {from_run}")
+    cache_dir = Path(info["cache_dir"]) if info["cache_dir"] else None
+    return Path(info["dataset"]["root"]), cache_dir, cfg
 
 
-def run_all(root: Path, flags: dict, config_file: Path | None, cache_dir: Path | None, teacher: str, prompts: str, trials: int,
-            runs_root: Path, progress: Progress | None = None) -> list[dict]:
-    """Embed if needed, then Align and Distill over every held-out domain for each trial seed.
-    Returns the result rows of this student on this dataset."""
+def run_all(root: Path, cfg: TrainConfig, methods: list[str], trials: int = 1, experiment: Path | None = None,
+            cache_dir: Path | None = None, teacher: str = DEFAULT_TEACHER, prompts: str = "photo",
+            progress: Progress | None = None) -> list[dict]:
+    """Embed if a method needs the teacher, then train every method for each trial seed on the same
+    splits, seeds and batches. Returns the comparison rows: the teacher's zero-shot (when a cache was
+    used), then each method's."""
+    from vl2v.data import scan_dataset
+    from vl2v.results import collect
+
     if trials < 1:
         raise UserError(f"--trials must be ≥ 1, not {trials}.")
+    order = expand_methods(methods)
+    experiment = experiment or experiment_dir(root, cfg.student)
     index = scan_dataset(root, progress=progress)
-    cache_dir = cache_dir or teacher_cache_dir(index.name, teacher)
-    workers = flags.get("workers")  # 0 (decode in this process) is a choice, not "not given"
-    embed_cfg = EmbedConfig(teacher=teacher, prompts=prompts, device=flags.get("device") or "auto", workers=EmbedConfig.workers if workers is None else workers)
-    embed_all_parts(index, cache_dir, embed_cfg, progress=progress)
-    student = None
+    if any(get_method(m).needs_cache for m in order):
+        cache_dir = embed_for_training(index, cache_dir, teacher, prompts, cfg, progress)
     for trial in range(trials):
-        align_dir, _ = align(index.root, {**flags, "trial_seed": trial}, config_file, None, cache_dir, teacher, progress, runs_root)
-        distill(align_dir, flags, config_file, None, progress)
-        student = runs.run_info(align_dir)["config"]["student"]
-    return [row for row in collect(Path(runs_root) / index.name) if row["student"] == student]
+        for m in order:
+            start = get_method(m).starts_from
+            from_run = method_run_dir(experiment, trial, start) if start else None
+            mcfg = dataclasses.replace(cfg, method=m, trial_seed=trial)
+            train(index.root, mcfg, method_run_dir(experiment, trial, m), cache_dir if get_method(m).needs_cache else None, teacher, from_run, progress)
+    rows = collect(experiment)
+    return ([teacher_row(index, cache_dir, cfg, trials)] if cache_dir else []) + rows
+
+
+def embed_for_training(index, cache_dir: Path | None, teacher: str, prompts: str, cfg: TrainConfig, progress: Progress | None) -> Path:
+    from vl2v.embed import EmbedConfig, embed_all_parts
+
+    cache_dir = cache_dir or teacher_cache_dir(index.name, teacher)
+    embed_cfg = EmbedConfig(teacher=teacher, prompts=prompts, device=cfg.device, workers=cfg.workers)
+    embed_all_parts(index, cache_dir, embed_cfg, progress=progress)
+    return cache_dir
+
+
+def teacher_row(index, cache_dir: Path, cfg: TrainConfig, trials: int) -> dict:
+    """The teacher's zero-shot accuracy on each held-out domain's "in" split, per trial seed."""
+    from vl2v.cache import load_targets
+    from vl2v.data import all_splits
+    from vl2v.evaluate import teacher_zero_shot
+    from vl2v.results import teacher_row as row
+
+    targets = load_targets(cache_dir, index)
+    per_domain: dict[str, list[float]] = {d: [] for d in index.domains}
+    for trial in range(trials):
+        splits = all_splits(index, trial, cfg.holdout)
+        accs = teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)})
+        for d, acc in accs.items():
+            per_domain[d].append(acc)
+    return row(index.name, index.domains, per_domain)
 
 
 def teacher_accuracy(target: Path, cache_dir: Path | None = None) -> dict[str, float]:
     """Zero-shot accuracy per domain from the cache of a run directory or of a dataset folder."""
+    from vl2v.cache import load_dataset_targets
+    from vl2v.evaluate import teacher_zero_shot
+
     if (Path(target) / runs.CONFIG).exists():
         info = runs.run_info(target)
+        if not info["cache_dir"] and cache_dir is None:
+            raise UserError(f"{target} trained without a teacher cache ({info['config']['method']}); pass --cache-dir.")
         root, cache_dir = Path(info["dataset"]["root"]), cache_dir or Path(info["cache_dir"])
     else:
         root = Path(target)
@@ -95,6 +149,8 @@ def teacher_accuracy(target: Path, cache_dir: Path | None = None) -> dict[str, f
 
 
 def _only_cache(root: Path) -> Path:
+    from vl2v.cache import read_manifest
+
     folder = cache_root() / Path(root).resolve().name
     found = sorted(p for p in folder.glob("*") if read_manifest(p) is not None) if folder.is_dir() else []
     if len(found) != 1:

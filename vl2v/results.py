@@ -9,9 +9,11 @@ import numpy as np
 from rich.table import Table
 
 from vl2v import runs
+from vl2v.methods import METHODS
 from vl2v.runtime import UserError
+from vl2v.selection import SWAD, get_selection
 
-SELECTIONS = ("training-domain validation", "SWAD")
+TEACHER = "teacher zero-shot"
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -19,12 +21,32 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"Runs folder not found: {root}")
-    return sorted(p.parent for p in root.rglob(runs.CONFIG) if (p.parent / "cache_manifest.json").exists())
+    return sorted(p.parent for p in root.rglob(runs.CONFIG) if "config" in runs.run_info(p.parent))
 
 
-def collect(root: Path, metric: str = "test_in_acc") -> list[dict]:
-    """One row per (dataset, student, stage, selection): per held-out domain, the accuracies over
-    trial seeds, their mean and std, and the average over domains."""
+def _metric_of(record: dict, env: int, metric: str) -> float:
+    return record[f"env{env}_in_acc"] if metric == "test_in_acc" else record["test_acc"]
+
+
+def selected(run_dir: Path, env: int, selection: str, metric: str = "test_in_acc") -> dict[str, float]:
+    """{table name: test figure} of one finished held-out domain: the model the selection rule picks
+    from its checkpoint records, and the SWAD model."""
+    done = runs.read_final(runs.env_dir(run_dir, env)) or {}
+    checkpoints = [r for r in runs.read_records(runs.env_dir(run_dir, env)) if r.get("kind") == "checkpoint"]
+    if not done or not checkpoints:
+        return {}
+    name, rule = get_selection(selection)
+    out = {name: _metric_of(rule(checkpoints, env), env, metric)}
+    if SWAD in done:
+        out[SWAD] = done[SWAD][metric]
+    return out
+
+
+def collect(root: Path, metric: str = "test_in_acc", selection: str = "training-domain") -> list[dict]:
+    """One row per (dataset, student, method, selection): per held-out domain, the accuracies over
+    trial seeds, their mean and std, and the average over domains. Deployment runs (no held-out
+    domain) have no test figures and no row."""
+    get_selection(selection)
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     domains: dict[str, list[str]] = {}
     for run_dir in find_runs(root):
@@ -32,31 +54,35 @@ def collect(root: Path, metric: str = "test_in_acc") -> list[dict]:
         cfg, dataset = info["config"], info["dataset"]["name"]
         domains[dataset] = info["dataset"]["domains"]
         for env, domain in enumerate(info["dataset"]["domains"]):
-            done = runs.read_final(runs.env_dir(run_dir, env)) or {}
-            for selection, final in done.items():
-                groups[(dataset, cfg["student"], cfg["stage"], selection)][domain].append(final[metric])
-    rows = []
-    for (dataset, student, stage, selection), per_domain in sorted(groups.items(), key=_order):
-        cells = {d: _stats(v) for d, v in per_domain.items()}
-        complete = all(d in cells for d in domains[dataset])
-        means = [cells[d]["mean"] for d in domains[dataset] if d in cells]
-        rows.append(
-            {
-                "dataset": dataset,
-                "student": student,
-                "stage": stage,
-                "selection": selection,
-                "domains": cells,
-                "avg": float(np.mean(means)) if complete else None,
-                "domain_order": domains[dataset],
-            }
-        )
-    return rows
+            for name, value in selected(run_dir, env, selection, metric).items():
+                groups[(dataset, cfg["student"], cfg["method"], name)][domain].append(value)
+    return [_row(dataset, student, method, sel, per_domain, domains[dataset])
+            for (dataset, student, method, sel), per_domain in sorted(groups.items(), key=_order)]
+
+
+def teacher_row(dataset: str, domains: list[str], per_domain: dict[str, list[float]]) -> dict:
+    """The teacher's zero-shot accuracy as a result row (one value per trial seed and domain)."""
+    return _row(dataset, "-", TEACHER, "-", per_domain, domains)
+
+
+def _row(dataset: str, student: str, method: str, selection: str, per_domain: dict[str, list[float]], domain_order: list[str]) -> dict:
+    cells = {d: _stats(v) for d, v in per_domain.items()}
+    complete = all(d in cells for d in domain_order)
+    return {
+        "dataset": dataset,
+        "student": student,
+        "method": method,
+        "selection": selection,
+        "domains": cells,
+        "avg": float(np.mean([cells[d]["mean"] for d in domain_order])) if complete else None,
+        "domain_order": domain_order,
+    }
 
 
 def _order(item):
-    (dataset, student, stage, selection), _ = item
-    return dataset, student, ("align", "distill").index(stage), SELECTIONS.index(selection)
+    (dataset, student, method, selection), _ = item
+    methods = list(METHODS)
+    return dataset, student, methods.index(method) if method in methods else len(methods), selection == SWAD, selection
 
 
 def _stats(values: list[float]) -> dict:
@@ -74,8 +100,8 @@ def _grid(rows: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per dataset: the header and the text cells of every row."""
     tables: dict[str, tuple[list[str], list[list[str]]]] = {}
     for row in rows:
-        header = ["student", "stage", "selection", *row["domain_order"], "avg"]
-        cells = [row["student"], row["stage"], row["selection"], *(_cell(row["domains"].get(d)) for d in row["domain_order"])]
+        header = ["student", "method", "selection", *row["domain_order"], "avg"]
+        cells = [row["student"], row["method"], row["selection"], *(_cell(row["domains"].get(d)) for d in row["domain_order"])]
         cells.append("-" if row["avg"] is None else f"{row['avg']:.1f}")
         tables.setdefault(row["dataset"], (header, []))[1].append(cells)
     return tables

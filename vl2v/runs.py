@@ -7,6 +7,8 @@
     RUN/env{i}/swad.pt         the SWAD average
     RUN/env{i}/results.jsonl   one line per validation step, then the final selections
     RUN/env{i}/done.json       the final selections; its presence means the domain is finished
+    RUN/env{i}/tensorboard/    training curves, with `--log tensorboard`
+A deployment run (`--test-env none`) has one folder, RUN/all/, instead of one per held-out domain.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ from vl2v.runtime import UserError, atomic_torch_save, atomic_write_bytes, atomi
 
 CONFIG = "config.json"
 # Settings that may change between a run and its resumption without changing its results.
-RESUMABLE = {"device", "workers", "eval_batch_size", "test_envs"}
+RESUMABLE = {"device", "workers", "eval_batch_size", "test_envs", "log"}
 
 
-def env_dir(run_dir: Path, env: int) -> Path:
-    return Path(run_dir) / f"env{env}"
+DEPLOY_DIR = "all"  # the one model of a run with no held-out domain
+
+
+def env_dir(run_dir: Path, env: int | None) -> Path:
+    return Path(run_dir) / (DEPLOY_DIR if env is None else f"env{env}")
+
+
+def env_name(domains: list[str], env: int | None) -> str:
+    """The held-out domain's name; `none` for a deployment run."""
+    return "none" if env is None else domains[env]
 
 
 def run_info(run_dir: Path) -> dict:
@@ -38,14 +48,14 @@ def run_info(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Path, manifest: dict, from_run: Path | None) -> None:
+def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Path | None, manifest: dict | None, from_run: Path | None) -> None:
     """Create the run directory, or check that an existing one was made with the same settings."""
     run_dir = Path(run_dir)
     info = {
         "config": cfg.to_json(),
         "dataset": {"root": str(index.root), "name": index.name, "domains": index.domains, "classes": index.classes, "fingerprint": index.fingerprint()},
-        "cache_dir": str(Path(cache_dir).resolve()),
-        "teacher": manifest["provenance"]["teacher"],
+        "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
+        "teacher": manifest["provenance"]["teacher"] if manifest else None,
         "from_run": str(Path(from_run).resolve()) if from_run else None,
         "vl2v_version": __version__,
     }
@@ -55,7 +65,8 @@ def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Pat
         if diff:
             raise UserError(f"{run_dir} already holds a run with other settings ({'; '.join(diff[:4])}). Pass another --run-dir, or delete it to start over.")
     atomic_write_json(run_dir / CONFIG, info)
-    atomic_write_json(run_dir / "cache_manifest.json", manifest)
+    if manifest is not None:
+        atomic_write_json(run_dir / "cache_manifest.json", manifest)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -100,17 +111,17 @@ def write_records(env_path: Path, records: list[dict], finals: list[dict] = ()) 
     atomic_write_bytes(env_path / "results.jsonl", ("\n".join(lines) + "\n").encode())
 
 
-def final_record(selection: str, domain: str, env: int, record: dict) -> dict:
+def final_record(selection: str, domain: str, env: int | None, record: dict) -> dict:
     """The test figures of a selected model: DomainBed's convention (the held-out domain's "in"
-    split) and the whole held-out domain beside it."""
+    split) and the whole held-out domain beside it (None in a deployment run)."""
     return {
         "kind": "final",
         "selection": selection,
         "test_env": env,
         "test_domain": domain,
         "step": record["step"],
-        "test_in_acc": record[f"env{env}_in_acc"],
-        "test_acc": record["test_acc"],
+        "test_in_acc": record.get(f"env{env}_in_acc"),
+        "test_acc": record.get("test_acc"),
         "tr_outacc": record["tr_outacc"],
         "tr_outloss": record["tr_outloss"],
     }
@@ -132,3 +143,29 @@ def read_final(env_path: Path) -> dict | None:
 def read_records(env_path: Path) -> list[dict]:
     path = env_path / "results.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Curves:
+    """Training curves as TensorBoard scalars beside results.jsonl (`--log tensorboard`); a no-op
+    otherwise. A resumed run purges what its killed predecessor logged after the resume step."""
+
+    def __init__(self, env_path: Path, kind: str, start_step: int):
+        self.writer = None
+        if kind != "tensorboard":
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--log tensorboard needs the tensorboard package: pip install 'vl2v[tensorboard]'.") from None
+        self.writer = SummaryWriter(str(Path(env_path) / "tensorboard"), purge_step=start_step)
+
+    def add(self, values: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if key != "step" and isinstance(value, (int, float)) and value == value:
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -31,6 +31,8 @@ def dataset_tables(summary: dict) -> list[Table]:
         tables.append(skipped)
     notes = [f"{n} {kind.replace('_', '-')} file(s) ignored" for kind, n in summary["ignored"].items() if n]
     notes += [f"{d} has no {', '.join(m)}" for d, m in summary["missing_classes"].items()]
+    if summary["empty_class_folders"]:
+        notes.append(f"empty class folder(s) ignored, not classes: {', '.join(summary['empty_class_folders'])}")
     if notes:
         table.caption = "; ".join(notes)
     return tables

@@ -16,7 +16,7 @@ BARS = ("teacher zero-shot", "Align", "Distill", "Distill + SWAD")
 def per_domain(summary: dict) -> dict[str, dict[str, float]]:
     """Accuracy (%) per held-out domain of each bar: the teacher, Align and Distill with
     training-domain validation, and Distill's SWAD model."""
-    rows = {(r["stage"], r["selection"]): r["domains"] for r in summary["results"]}
+    rows = {(r["method"], r["selection"]): r["domains"] for r in summary["results"]}
     picks = {
         "Align": rows.get(("align", "training-domain validation"), {}),
         "Distill": rows.get(("distill", "training-domain validation"), {}),

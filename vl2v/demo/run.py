@@ -12,6 +12,7 @@ import torch
 
 from vl2v import pipeline
 from vl2v.cache import load_targets
+from vl2v.config import TrainConfig
 from vl2v.data import all_splits, scan_dataset
 from vl2v.demo import report
 from vl2v.demo.digits import build_digits_dg, write_sample_grid
@@ -97,8 +98,11 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict:
     zero_shot = teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)})
     times["embed"] = time.perf_counter() - tic - sum(times.values())
     runs_root = work / "runs"
-    align_dir, _ = pipeline.align(data_root, cfg.train_flags("align"), cache_dir=cache_dir, teacher=teacher, progress=progress, runs_root=runs_root)
-    pipeline.distill(align_dir, cfg.train_flags("distill"), progress=progress)
+    experiment = pipeline.experiment_dir(data_root, cfg.student, runs_root)
+    for method in ("align", "distill"):
+        run_dir = pipeline.method_run_dir(experiment, 0, method)
+        from_run = pipeline.method_run_dir(experiment, 0, "align") if method == "distill" else None
+        pipeline.train(data_root, TrainConfig(method=method, **cfg.train_flags(method)), run_dir, cache_dir, teacher, from_run, progress)
     times["train"] = time.perf_counter() - tic - sum(times.values())
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
