@@ -50,11 +50,13 @@ def get_selection(name: str) -> tuple[str, Callable]:
     return SELECTIONS[name]
 
 
-def start_checkpoint(records: list[dict], model_save: int, last_step: int) -> dict:
+def start_checkpoint(records: list[dict], model_save: int, last_step: int) -> dict | None:
     """The checkpoint a continuing method (Distill) starts from, as the original's TE{env}_best.pth:
     the best training-domain validation accuracy at a step ≥ `model_save` (or the last step, for runs
-    shorter than that), ties going to the later checkpoint."""
+    shorter than that), ties going to the later checkpoint. None while no checkpoint qualifies."""
     eligible = [r for r in records if r["step"] >= min(model_save, last_step)]
+    if not eligible:
+        return None
     best = eligible[0]
     for r in eligible[1:]:
         if r["tr_outacc"] >= best["tr_outacc"]:

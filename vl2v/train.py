@@ -81,11 +81,16 @@ def train_run(dataset_root: Path, cache_dir: Path | None, cfg: TrainConfig, run_
     return {runs.env_name(index.domains, env): runs.read_final(runs.env_dir(run_dir, env)) for env in envs}
 
 
+def env_key(ctx: Context, env: int | None) -> int:
+    """The held-out domain in seeds; a deployment run takes the number no domain has."""
+    return len(ctx.index.domains) if env is None else env
+
+
 def build_model(ctx: Context, env: int | None) -> Student:
     """The student of a held-out domain with what its method trains; a continuing method loads the
     start checkpoint of the run it continues."""
     cfg, method = ctx.cfg, ctx.method
-    seed_everything(seed_hash(cfg.seed, -1 if env is None else env))  # initial weights: (seed, held-out domain)
+    seed_everything(seed_hash(cfg.seed, env_key(ctx, env)))  # initial weights: a function of (seed, held-out domain)
     text = ctx.targets.text if ctx.targets else None
     scale = ctx.targets.logit_scale if ctx.targets else 1.0
     model, ctx.data_cfg = build_student(cfg, method.head, len(ctx.index.classes), text, scale, ctx.teacher,
@@ -142,7 +147,7 @@ def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = N
     if any(len(r) == 0 for r in domain_rows):
         raise UserError("A training domain has no images in its 'in' split; lower --holdout or add images.")
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
-    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, -1 if env is None else env), start, stop or cfg.steps)
+    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps)
     return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
 
 
@@ -188,8 +193,8 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
             records.append(record)
             curves.add(record, step)
             log.info("step %d loss %.4f tr_outacc %.3f tr_outloss %.4f", step, record["loss"], record["tr_outacc"], record["tr_outloss"])
-            if step >= min(cfg.model_save, cfg.steps - 1) and (start_best is None or record["tr_outacc"] >= start_best["tr_outacc"]):
-                start_best = record  # what a continuing method starts from (selection.start_checkpoint)
+            if selection.start_checkpoint(records, cfg.model_save, cfg.steps - 1) is record:
+                start_best = record  # what a continuing method (Distill) starts from
                 atomic_torch_save(model.state_dict(), env_dir / "best.pt")
             if valley is not None:
                 valley.update_and_evaluate(segment, record["tr_outloss"], segment_start, step)
