@@ -215,7 +215,7 @@ def context(setup, **kw) -> Context:
     labels = torch.tensor([f.label for f in index.files])
     data_cfg = DataConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     splits = all_splits(index, cfg.trial_seed, cfg.holdout)
-    return Context(cfg, get_method(cfg.method), tmp / "unused", index, targets, splits, labels, torch.device("cpu"), None, None, None, data_cfg)
+    return Context(cfg, get_method(cfg.method), tmp / "unused", index, targets, splits, labels, torch.device("cpu"), None, None, None, data_cfg=data_cfg)
 
 
 def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,12 +17,14 @@ class StepBatches(Dataset):
     """Item i is the batch of training step `start + i`: `batch_size` rows drawn with replacement
     from every training domain's "in" rows, concatenated in domain order, each augmented with its
     own seed. A pure function of (seed, test env, step), so a resumed run sees the same batches
-    whatever the number of workers."""
+    whatever the number of workers, and DDP processes together see the batch of one process."""
 
-    def __init__(self, root: Path, paths: list[str], domain_rows: list[np.ndarray], batch_size: int, transform, seed: tuple[int, ...], start: int, steps: int):
+    def __init__(self, root: Path, paths: list[str], domain_rows: list[np.ndarray], batch_size: int, transform, seed: tuple[int, ...], start: int, steps: int,
+                 part: tuple[int, int] = (0, 1)):
         self.root, self.paths, self.domain_rows = Path(root), paths, domain_rows
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.start, self.steps = start, steps
+        self.part = part  # (rank, world size): this process's contiguous slice of every batch (DDP)
 
     def __len__(self) -> int:
         return self.steps - self.start
@@ -31,7 +33,10 @@ class StepBatches(Dataset):
         """The dataset rows of a step's batch and their augmentation seeds."""
         rng = np.random.default_rng([*self.seed, step])
         rows = np.concatenate([r[rng.integers(len(r), size=self.batch_size)] for r in self.domain_rows])
-        return rows, rng.integers(2**62, size=len(rows))
+        seeds = rng.integers(2**62, size=len(rows))
+        rank, world = self.part
+        per = len(rows) // world
+        return rows[rank * per : (rank + 1) * per], seeds[rank * per : (rank + 1) * per]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, seeds = self.rows(self.start + i)

@@ -58,6 +58,7 @@ class TrainConfig:
     precision: str = setting("fp32", "fp32, or fp16 / bf16 autocast on CUDA.")
     eval_batch_size: int = setting(128, "Images per evaluation batch.")
     log: str = setting("none", "Training curves: none, or tensorboard (scalars beside results.jsonl).")
+    parallel: str = setting("auto", "Under torchrun: domains (processes share the held-out domains), ddp (every process trains a slice of each batch), or auto (domains while there are at least as many as processes, else ddp).")
 
     def __post_init__(self):
         _check_types(self)
@@ -75,6 +76,8 @@ class TrainConfig:
             raise UserError(f"--kd-temperature must be > 0, not {self.kd_temperature}.")
         if self.log not in LOGS:
             raise UserError(f"--log must be one of {', '.join(LOGS)}, not '{self.log}'.")
+        if self.parallel not in PARALLEL:
+            raise UserError(f"--parallel must be one of {', '.join(PARALLEL)}, not '{self.parallel}'.")
         object.__setattr__(self, "test_envs", tuple(self.test_envs))
         if NO_TEST_ENV in self.test_envs and len(self.test_envs) > 1:
             raise UserError("--test-env none (train on every domain) cannot be combined with held-out domains.")
@@ -89,6 +92,7 @@ class TrainConfig:
 
 
 LOGS = ("none", "tensorboard")
+PARALLEL = ("auto", "domains", "ddp")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _TYPES = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float)),
           str: ("a string", (str,)), dict: ("a JSON object", (dict,)), tuple: ("a list of domain names", (list, tuple))}

@@ -25,7 +25,7 @@ from vl2v.runtime import UserError, atomic_torch_save, atomic_write_bytes, atomi
 
 CONFIG = "config.json"
 # Settings that may change between a run and its resumption without changing its results.
-RESUMABLE = {"device", "workers", "eval_batch_size", "test_envs", "log"}
+RESUMABLE = {"device", "workers", "eval_batch_size", "test_envs", "log", "parallel"}
 
 
 DEPLOY_DIR = "all"  # the one model of a run with no held-out domain
@@ -77,11 +77,12 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
-def save_state(env_path: Path, model, optimizer, valley, next_step: int, records: list[dict], best: dict | None) -> None:
+def save_state(env_path: Path, model, optimizer, valley, next_step: int, records: list[dict], best: dict | None, scaler=None) -> None:
     state = {
         "step": next_step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "valley": valley.state_dict() if valley is not None else {},
         "records": json.dumps(records),
         "best": json.dumps(best),
@@ -91,8 +92,9 @@ def save_state(env_path: Path, model, optimizer, valley, next_step: int, records
     write_records(env_path, records)
 
 
-def load_state(env_path: Path, model, optimizer, valley) -> dict:
-    """Restore a checkpoint into model, optimiser and valley; returns step, records and best."""
+def load_state(env_path: Path, model, optimizer, valley, scaler=None) -> dict:
+    """Restore a checkpoint into model, optimiser, valley and fp16 loss scaler; returns step,
+    records and best."""
     path = env_path / "checkpoint.pt"
     if not path.exists():
         env_path.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,8 @@ def load_state(env_path: Path, model, optimizer, valley) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     if valley is not None:
         valley.load_state_dict(state["valley"], template=model)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return {"step": state["step"], "records": json.loads(state["records"]), "best": json.loads(state["best"])}
 

@@ -42,15 +42,33 @@ def launch() -> Launch:
     return Launch(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
+def process_group(device: torch.device | None = None) -> None:
+    """Join torchrun's process group once: gloo for CPU tensors, and NCCL for CUDA ones when this
+    process trains on a GPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = device is not None and device.type == "cuda"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+
+
 def barrier() -> None:
     """Wait for every torchrun process (a no-op in a single process)."""
     if not launch().distributed:
         return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # a barrier needs no GPU collectives
+    process_group()
     dist.barrier()
+
+
+def all_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over every torchrun process."""
+    import torch.distributed as dist
+
+    total = value.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -19,7 +19,7 @@ from vl2v.config import TrainConfig
 from vl2v.data import DatasetIndex, all_splits, build_eval_transform, build_train_transform, scan_dataset, seed_hash
 from vl2v.evaluate import predict_logits
 from vl2v.methods import Method, StepTargets, get_method
-from vl2v.runtime import Progress, UserError, atomic_torch_save, autocast_dtype, barrier, launch, load_checkpoint, resolve_device, seed_everything
+from vl2v.runtime import Progress, UserError, all_mean, atomic_torch_save, autocast_dtype, barrier, launch, load_checkpoint, process_group, resolve_device, seed_everything
 from vl2v.student import DataConfig, Student, build_student, check_student
 from vl2v.swad import LossValley
 
@@ -43,6 +43,7 @@ class Context:
     amp: torch.dtype | None
     from_run: Path | None  # the run a continuing method (Distill) starts from
     teacher: str | None  # the teacher spec, for a white-box student built from it
+    ddp: bool = False  # every process trains a slice of each step's batch (DistributedDataParallel)
     data_cfg: DataConfig | None = None
     eval_images: EvalImages | None = None
 
@@ -72,13 +73,26 @@ def train_run(dataset_root: Path, cache_dir: Path | None, cfg: TrainConfig, run_
     runs.prepare(run_dir, cfg, index, cache_dir, targets.manifest if targets else None, from_run)
     labels = torch.tensor([f.label for f in index.files])
     splits = all_splits(index, cfg.trial_seed, cfg.holdout)
-    ctx = Context(cfg, method, run_dir, index, targets, splits, labels, device, amp, from_run, teacher)
-    me = launch()  # under torchrun, the held-out domains are shared out between the processes
-    for env in envs[me.rank :: me.world_size]:
+    me = launch()
+    ddp = parallel_mode(cfg, me, len(envs)) == "ddp"
+    ctx = Context(cfg, method, run_dir, index, targets, splits, labels, device, amp, from_run, teacher, ddp)
+    # Under torchrun, DDP trains each held-out domain on every process; otherwise the processes
+    # share the held-out domains out.
+    for env in envs if ddp else envs[me.rank :: me.world_size]:
         if runs.read_final(runs.env_dir(run_dir, env)) is None:
             train_env(ctx, env, progress)
     barrier()
     return {runs.env_name(index.domains, env): runs.read_final(runs.env_dir(run_dir, env)) for env in envs}
+
+
+def parallel_mode(cfg: TrainConfig, me, n_envs: int) -> str:
+    """`--parallel auto`: share held-out domains (no communication, results as one process's) while
+    there are at least as many as processes; DDP when processes would otherwise sit idle."""
+    if not me.distributed:
+        return "single"
+    if cfg.parallel != "auto":
+        return cfg.parallel
+    return "domains" if n_envs >= me.world_size else "ddp"
 
 
 def env_key(ctx: Context, env: int | None) -> int:
@@ -138,7 +152,7 @@ def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = N
     images on first use."""
     cfg, index, data_cfg = ctx.cfg, ctx.index, ctx.data_cfg
     paths = [f.path for f in index.files]
-    if ctx.eval_images is None:
+    if ctx.eval_images is None and (not ctx.ddp or launch().rank == 0):  # under DDP rank 0 evaluates
         rows = np.sort(np.concatenate(list(ctx.splits.values())))
         size = (3, data_cfg.image_size, data_cfg.image_size)
         transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
@@ -147,67 +161,133 @@ def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = N
     if any(len(r) == 0 for r in domain_rows):
         raise UserError("A training domain has no images in its 'in' split; lower --holdout or add images.")
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
-    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps)
+    me = launch()
+    part = (me.rank, me.world_size) if ctx.ddp else (0, 1)
+    if (cfg.batch_size * len(domain_rows)) % part[1]:
+        raise UserError(f"--parallel ddp splits each step's {cfg.batch_size * len(domain_rows)} images over {part[1]} processes: choose a --batch-size that makes it divisible.")
+    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps, part)
     return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
 
 
-def step_targets(ctx: Context, rows: torch.Tensor, labels: torch.Tensor, on_device: dict) -> StepTargets:
-    """What the method's loss needs of a batch, gathered from targets already on the device."""
-    return StepTargets(labels[rows], on_device["image"][rows] if "image" in on_device else None, on_device.get("text"),
-                       ctx.targets.logit_scale if ctx.targets else 1.0)
+class MethodStep(torch.nn.Module):
+    """A training step's forward: the student's features (without a graph when the method freezes the
+    featurizer) and the method's loss. One module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, student: Student, method: Method, cfg: TrainConfig):
+        super().__init__()
+        self.student, self.method, self.cfg = student, method, cfg
+
+    def forward(self, images: torch.Tensor, targets: StepTargets) -> torch.Tensor:
+        with torch.set_grad_enabled(self.method.trains_featurizer):
+            features = self.student.featurizer(images)
+        return self.method.loss(self.student.head, features, targets, self.cfg)
 
 
-def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -> dict:
-    """Train one held-out domain to the end (or the end of SWAD's loss valley); resumable."""
-    cfg, method, env_dir = ctx.cfg, ctx.method, runs.env_dir(ctx.run_dir, env)
+@dataclass
+class Trainer:
+    """The optimisation state of one held-out domain: what checkpoints save and resume restores."""
+
+    model: Student
+    step_module: torch.nn.Module  # MethodStep, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only: bf16 and fp32 need no loss scaling
+    valley: LossValley | None
+
+
+def make_trainer(ctx: Context, env: int | None) -> Trainer:
+    cfg = ctx.cfg
     model = build_model(ctx, env)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp == torch.float16)
     valley = LossValley(cfg.n_converge, cfg.n_tolerance, cfg.tolerance_ratio) if cfg.swad else None
-    state = runs.load_state(env_dir, model, optimizer, valley)
+    step_module = MethodStep(model, ctx.method, cfg)
+    if ctx.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        process_group(ctx.device)
+        step_module = DistributedDataParallel(step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return Trainer(model, step_module, optimizer, scaler, valley)
+
+
+def train_step(ctx: Context, t: Trainer, images: torch.Tensor, targets: StepTargets) -> float:
+    """One optimisation step; returns the loss of the whole (global) batch."""
+    set_train_mode(t.model, ctx.cfg.freeze_bn)
+    with torch.autocast(ctx.device.type, dtype=ctx.amp, enabled=ctx.amp is not None):
+        loss = t.step_module(images, targets)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    return all_mean(loss.detach()) if ctx.ddp else float(loss.detach())
+
+
+def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -> dict:
+    """Train one held-out domain to the end (or the end of SWAD's loss valley); resumable. Under
+    DDP every rank trains its slice of each step's batch and only rank 0 writes."""
+    cfg, method, env_dir = ctx.cfg, ctx.method, runs.env_dir(ctx.run_dir, env)
+    writer = not ctx.ddp or launch().rank == 0
+    t = make_trainer(ctx, env)
+    state = runs.load_state(env_dir, t.model, t.optimizer, t.valley, t.scaler)
     step, records, start_best = state["step"], state["records"], state["best"]
-    segment, segment_start = AveragedModel(model), step
+    segment, segment_start = AveragedModel(t.model), step
     loader = prepare_data(ctx, env, step)
     labels = ctx.labels.to(ctx.device)
-    on_device = {"image": ctx.targets.image.to(ctx.device), "text": ctx.targets.text.to(ctx.device)} if ctx.targets else {}
-    curves = runs.Curves(env_dir, cfg.log, step)
+    image_t = ctx.targets.image.to(ctx.device) if ctx.targets else None
+    text_t = ctx.targets.text.to(ctx.device) if ctx.targets else None
+    scale = ctx.targets.logit_scale if ctx.targets else 1.0
+    curves = runs.Curves(env_dir, cfg.log if writer else "none", step)
     log.info("%s: held-out %s, steps %d..%d", method.name, runs.env_name(ctx.index.domains, env), step, cfg.steps - 1)
     losses, tic = [], time.perf_counter()
     for images, rows in loader:
-        set_train_mode(model, cfg.freeze_bn)
-        images, rows = images.to(ctx.device, non_blocking=True), rows.to(ctx.device)
-        with torch.autocast(ctx.device.type, dtype=ctx.amp, enabled=ctx.amp is not None):
-            with torch.set_grad_enabled(method.trains_featurizer):  # a frozen featurizer builds no graph
-                features = model.featurizer(images)
-            loss = method.loss(model.head, features, step_targets(ctx, rows, labels, on_device), cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        rows = rows.to(ctx.device)
+        targets = StepTargets(labels[rows], image_t[rows] if image_t is not None else None, text_t, scale)
+        losses.append(train_step(ctx, t, images.to(ctx.device, non_blocking=True), targets))
         curves.add({"loss": losses[-1]}, step)
-        segment.update_parameters(model)
-        if progress:
+        segment.update_parameters(t.model)
+        if progress and writer:
             progress(step + 1, cfg.steps)
         if step % cfg.checkpoint_freq == 0 or step == cfg.steps - 1:
-            record = {"step": step, "loss": float(np.mean(losses)), "step_time": (time.perf_counter() - tic) / len(losses), **evaluate(ctx, model, env)}
+            record = {"step": step, "loss": float(np.mean(losses)), "step_time": (time.perf_counter() - tic) / len(losses)}
+            record.update(evaluate_once(ctx, t.model, env))
             records.append(record)
             curves.add(record, step)
             log.info("step %d loss %.4f tr_outacc %.3f tr_outloss %.4f", step, record["loss"], record["tr_outacc"], record["tr_outloss"])
             if selection.start_checkpoint(records, cfg.model_save, cfg.steps - 1) is record:
                 start_best = record  # what a continuing method (Distill) starts from
-                atomic_torch_save(model.state_dict(), env_dir / "best.pt")
-            if valley is not None:
-                valley.update_and_evaluate(segment, record["tr_outloss"], segment_start, step)
-            runs.save_state(env_dir, model, optimizer, valley, step + 1, records, start_best)
-            segment, segment_start, losses, tic = AveragedModel(model), step + 1, [], time.perf_counter()
-            if valley is not None and valley.dead_valley:
+                if writer:
+                    atomic_torch_save(t.model.state_dict(), env_dir / "best.pt")
+            if t.valley is not None:
+                t.valley.update_and_evaluate(segment, record["tr_outloss"], segment_start, step)
+            if writer:
+                runs.save_state(env_dir, t.model, t.optimizer, t.valley, step + 1, records, start_best, t.scaler)
+            segment, segment_start, losses, tic = AveragedModel(t.model), step + 1, [], time.perf_counter()
+            if t.valley is not None and t.valley.dead_valley:
                 log.info("SWAD: loss valley ended at step %d; stopping early", step)
                 break
         step += 1
     curves.close()
+    if not writer:
+        barrier()  # rank 0 evaluates SWAD and writes the finals
+        return {}
     if start_best is None:  # stopped early, before model_save: the last checkpoint is the start
-        atomic_torch_save(model.state_dict(), env_dir / "best.pt")
-    return finish_env(ctx, env, model, valley, records)
+        atomic_torch_save(t.model.state_dict(), env_dir / "best.pt")
+    finals = finish_env(ctx, env, t.model, t.valley, records)
+    if ctx.ddp:
+        barrier()
+    return finals
+
+
+def evaluate_once(ctx: Context, model: Student, env: int | None) -> dict:
+    """The validation record, computed by rank 0 alone under DDP and sent to every rank, so all take
+    the same decisions (best.pt, SWAD's valley, early stopping)."""
+    if not ctx.ddp:
+        return evaluate(ctx, model, env)
+    import torch.distributed as dist
+
+    box = [evaluate(ctx, model, env) if launch().rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def finish_env(ctx: Context, env: int | None, model: Student, valley: LossValley | None, records: list[dict]) -> dict:
