@@ -1,5 +1,6 @@
 """The teacher-embedding cache: what it holds, incremental updates, refusals, teacher zero-shot."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,9 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     for f in good:
         assert rows[f.path][:3] == (f.size, f.mtime_ns, True)
         assert rows[f.path][3].dtype == np.float16 and rows[f.path][3].shape == (16,)
+    with h5py.File(out / "images-00000.h5", "r") as f:  # each row's content key: its bytes' sha256
+        stored = dict(zip((p.decode() for p in f["path"][()]), (h.decode() for h in f["sha256"][()])))
+    assert stored == {f.path: hashlib.sha256((dataset / f.path).read_bytes()).hexdigest() for f in good}
 
     # the embeddings are the teacher's own, computed independently
     targets = load_targets(out, index)
@@ -101,7 +105,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     # manifest: provenance, dataset fingerprint, shard list, queries
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == targets.manifest
-    assert manifest["format_version"] == 1 and manifest["vl2v_version"] == vl2v.__version__
+    assert manifest["format_version"] == 2 and manifest["vl2v_version"] == vl2v.__version__
     assert manifest["complete"] is True
     assert manifest["provenance"] == {
         "teacher": tiny_teacher,
@@ -124,7 +128,8 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     }
     assert manifest["shards"] == sorted(p.name for p in out.glob("images-*.h5")) == ["images-00000.h5"]
     assert manifest["queries"] == {"images": 36, "texts": 12}
-    assert not list(out.glob(".*"))  # no temporary files left
+    # the locks stay (removing a lock file races with its next taker); no temporary file or holder note
+    assert sorted(p.name for p in out.glob(".*")) == [".embed-all.lock", ".manifest.lock"]
 
     # the report says the same
     assert (report.embedded, report.reused, report.failed, report.text_queries) == (36, 0, 1, 12)
