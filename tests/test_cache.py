@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -14,8 +16,8 @@ from PIL import Image
 
 import vl2v
 from conftest import make_dataset, make_image
-from vl2v import cache
-from vl2v.cache import Targets, load_targets
+from vl2v import cache, pipeline
+from vl2v.cache import Targets, load_dataset_targets, load_targets
 from vl2v.data import DatasetIndex, ImageFile, scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.evaluate import teacher_zero_shot
@@ -213,6 +215,130 @@ def test_incremental_update(dataset, tiny_teacher, tmp_path):
             if "sketch/dog/1.png" in paths:
                 stored.append(int(f["mtime_ns"][paths.index("sketch/dog/1.png")]))
     assert stored == [before.st_mtime_ns, index.files[i].mtime_ns]
+
+
+# --- content identity -----------------------------------------------------------------------------
+
+
+def no_teacher(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing to embed: the teacher must not be built")
+
+    monkeypatch.setattr("vl2v.embed.create_teacher", refuse)
+    monkeypatch.setattr("vl2v.teacher.create_teacher", refuse)
+
+
+def no_hashing(monkeypatch) -> None:
+    def refuse(index, rows, threads=4):
+        assert not rows, f"{len(rows)} file(s) hashed: the fast path (size, mtime) should have matched"
+
+    monkeypatch.setattr("vl2v.cache.hash_files", refuse)
+
+
+def test_a_copied_dataset_with_new_mtimes_pays_nothing_and_trains(dataset, tiny_teacher, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "cache"
+    first = run(scan_dataset(dataset), out, tiny_teacher)
+    original = load_targets(out, scan_dataset(dataset))
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy, copy_function=shutil.copyfile)  # contents only: new mtimes
+    for path in copy.rglob("*.png"):
+        os.utime(path, ns=(0, (dataset / path.relative_to(copy)).stat().st_mtime_ns + 7_000_000_000))
+    no_teacher(monkeypatch)
+
+    # training lists the copy without decoding: the files whose mtime moved are hashed, and match
+    with caplog.at_level(logging.INFO, logger="vl2v.cache"):
+        index, targets = load_dataset_targets(copy, out)
+    assert torch.equal(targets.image, original.image) and targets.valid.all()
+    assert "Hashed 36 image(s) whose modification time differs from the cache's" in caplog.text
+    assert f"36 match by content. `vl2v embed '{copy}'` records their new times" in caplog.text
+
+    # embedding the copy pays nothing and records the new times: no hashing at later starts
+    report = run(scan_dataset(copy), out, tiny_teacher)
+    assert (report.embedded, report.reused, report.text_queries, report.complete) == (0, 36, 0, True)
+    assert report.queries_total == first.queries_total == {"images": 36, "texts": 3}
+    with h5py.File(out / "images-00001.h5", "r") as f:  # the same embeddings under the copy's times
+        assert f.attrs["image_queries"] == 0
+        assert dict(zip((p.decode() for p in f["path"][()]), f["mtime_ns"][()].tolist())) == {f.path: f.mtime_ns for f in index.files}
+    no_hashing(monkeypatch)
+    assert torch.equal(load_dataset_targets(copy, out)[1].image, original.image)
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image, original.image)  # the original too
+
+    # a renamed dataset folder is the same dataset: relative paths, contents and mtimes unchanged
+    renamed = copy.rename(tmp_path / "renamed")
+    assert torch.equal(load_dataset_targets(renamed, out)[1].image, original.image)
+    flags = dict(student="test_vit", pretrained=False, image_size=32, batch_size=4, workers=0, device="cpu", steps=2, checkpoint_freq=2, test_envs=("art",))
+    run_dir, finals = pipeline.align(renamed, flags, run_dir=tmp_path / "runs" / "align", cache_dir=out)
+    assert list(finals) == ["art"] and (run_dir / "env0" / "done.json").exists()
+
+
+def test_changed_bytes_are_re_embedded_even_with_size_and_mtime_restored(dataset, tiny_teacher, tmp_path, caplog):
+    victim = make_image(dataset / "art" / "cat" / "x.bmp", 500)  # uncompressed: same size for any content
+    out = tmp_path / "cache"
+    run(scan_dataset(dataset), out, tiny_teacher)
+    row = [f.path for f in scan_dataset(dataset).files].index("art/cat/x.bmp")
+    old = load_targets(out, scan_dataset(dataset)).image[row]
+    before = victim.stat()
+    make_image(victim, 501)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    # a listing alone trusts size and mtime (the cheap path of training); a decoding scan knows better
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image[row], old)
+    with pytest.raises(UserError, match=r"does not match .*: 1 file\(s\) new or changed, 0 removed"):
+        load_targets(out, scan_dataset(dataset))
+    report = run(scan_dataset(dataset), out, tiny_teacher)
+    assert (report.embedded, report.reused) == (1, 36)
+    expected = encode_by_hand(tiny_teacher, dataset, ["art/cat/x.bmp"])[0]
+    torch.testing.assert_close(load_targets(out, scan_dataset(dataset)).image[row], expected, atol=2e-3, rtol=0)
+    # now two rows share the file's size and mtime: a listing hashes that one file to choose
+    with caplog.at_level(logging.INFO, logger="vl2v.cache"):
+        listed = load_dataset_targets(dataset, out)[1]
+    assert "Hashed 1 image(s)" in caplog.text and "1 match by content" in caplog.text
+    torch.testing.assert_close(listed.image[row], expected, atol=2e-3, rtol=0)
+
+
+def test_equal_files_at_different_paths_are_different_images(dataset, tiny_teacher, tmp_path):
+    twin = (dataset / "art" / "cat" / "0.png").read_bytes()
+    for path in ("photo/dog/twin.png", "sketch/sea_lion/twin.png"):
+        (dataset / path).write_bytes(twin)  # one content under two labels
+    out = tmp_path / "cache"
+    index = scan_dataset(dataset)
+    assert run(index, out, tiny_teacher).embedded == 38
+    rows = shard_rows(out)
+    assert {"art/cat/0.png", "photo/dog/twin.png", "sketch/sea_lion/twin.png"} <= rows.keys() and len(rows) == 38
+    targets = load_targets(out, index)
+    at = {f.path: i for i, f in enumerate(index.files)}
+    twins = [at["art/cat/0.png"], at["photo/dog/twin.png"], at["sketch/sea_lion/twin.png"]]
+    assert targets.valid[twins].all() and [index.files[i].label for i in twins] == [0, 1, 2]
+    assert torch.equal(targets.image[twins[0]], targets.image[twins[1]])
+    # the key is path and content: known content at a new path is a new image
+    (dataset / "art" / "dog" / "twin.png").write_bytes(twin)
+    assert run(scan_dataset(dataset), out, tiny_teacher).embedded == 1
+
+
+def test_a_version_1_cache_still_loads_and_is_brought_up_to_date(dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "cache"
+    index = scan_dataset(dataset)
+    run(index, out, tiny_teacher)
+    expected = load_targets(out, index).image
+    # what vl2v wrote before content keys: no sha256 column, a fingerprint over path, size and mtime
+    with h5py.File(out / "images-00000.h5", "a") as f:
+        del f["sha256"]
+    legacy = hashlib.sha256("".join(f"{f.path}\t{f.size}\t{f.mtime_ns}\n" for f in index.files).encode()).hexdigest()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["dataset"]["fingerprint"] = legacy
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image, expected)
+
+    # its rows match by size and mtime only: a touched file is new to it, and embed brings it up to date
+    touched = dataset / "photo" / "dog" / "2.png"
+    os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(UserError, match=r"does not match .*: 1 file\(s\) new or changed, 0 removed"):
+        load_dataset_targets(dataset, out)
+    report = run(scan_dataset(dataset), out, tiny_teacher)
+    assert (report.embedded, report.reused) == (1, 35)
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
+    torch.testing.assert_close(load_dataset_targets(dataset, out)[1].image, expected, atol=2e-3, rtol=0)
 
 
 # --- refusals -------------------------------------------------------------------------------------

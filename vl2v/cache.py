@@ -71,7 +71,7 @@ def part_lock(cache_dir: Path, part: tuple[int, int]) -> Iterator[None]:
     lock = FileLock(Path(cache_dir) / f".embed-{label}.lock")
     holder = Path(cache_dir) / f".embed-{label}.holder.json"
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=1)  # a holder about to finish is waited for silently
     except Timeout:
         what = "" if n == 1 else f"part {i}/{n} of "
         log.info("Waiting for %s, which is embedding %s%s; this run then embeds only what it left.", _holder(holder), what, cache_dir)
