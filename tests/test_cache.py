@@ -16,13 +16,15 @@ from PIL import Image
 
 import vl2v
 from conftest import make_dataset, make_image
-from vl2v import cache, pipeline
-from vl2v.cache import Targets, load_dataset_targets, load_targets
+from vl2v import cache
+from vl2v.cache import Targets, list_shards, load_dataset_targets, load_targets
+from vl2v.config import TrainConfig
 from vl2v.data import DatasetIndex, ImageFile, scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.evaluate import teacher_zero_shot
 from vl2v.runtime import UserError
 from vl2v.teacher import build_text_embeddings, create_teacher, load_templates
+from vl2v.train import train_run
 
 CPU = torch.device("cpu")
 
@@ -57,6 +59,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     (dataset / "art" / "dog" / "broken.png").write_bytes(b"not a png")
     index = scan_dataset(dataset)
     assert len(index.files) == 37 and len(index.bad) == 1
+    bad = index.bad[0]
     out = tmp_path / "cache"
     report = run(index, out, tiny_teacher, prompts="domains")
 
@@ -86,6 +89,10 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     art, photo = rows_of["art/cat/0.png"], rows_of["photo/cat/0.png"]
     assert targets.valid[art] and targets.valid[photo]
     assert not torch.allclose(targets.image[art], targets.image[photo], atol=0.05)
+    # training lists files without decoding them: the cache says which one is unreadable
+    listed, from_listing = load_dataset_targets(dataset, out)
+    assert torch.equal(from_listing.valid, targets.valid)
+    assert [(f.path, f.error) for f in listed.bad] == [("art/dog/broken.png", "unreadable (found when embedding)")]
     assert (targets.image[art] - targets.image[photo]).abs().max() > 0.05
 
     # text.h5: per-template and class embeddings, logit scale
@@ -127,6 +134,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
         "domains": ["art", "photo", "sketch"],
         "classes": ["cat", "dog", "sea_lion"],
         "num_files": 37,
+        "unreadable": {"art/dog/broken.png": {"size": 9, "mtime_ns": bad.mtime_ns, "sha256": hashlib.sha256(b"not a png").hexdigest()}},
     }
     assert manifest["shards"] == sorted(p.name for p in out.glob("images-*.h5")) == ["images-00000.h5"]
     assert manifest["queries"] == {"images": 36, "texts": 12}
@@ -236,6 +244,7 @@ def no_hashing(monkeypatch) -> None:
 
 
 def test_a_copied_dataset_with_new_mtimes_pays_nothing_and_trains(dataset, tiny_teacher, tmp_path, monkeypatch, caplog):
+    (dataset / "art" / "dog" / "broken.png").write_bytes(b"not a png")  # known unreadable by its bytes
     out = tmp_path / "cache"
     first = run(scan_dataset(dataset), out, tiny_teacher)
     original = load_targets(out, scan_dataset(dataset))
@@ -244,31 +253,48 @@ def test_a_copied_dataset_with_new_mtimes_pays_nothing_and_trains(dataset, tiny_
     for path in copy.rglob("*.png"):
         os.utime(path, ns=(0, (dataset / path.relative_to(copy)).stat().st_mtime_ns + 7_000_000_000))
     no_teacher(monkeypatch)
+    assert first.queries_total == {"images": 36, "texts": 3}
 
     # training lists the copy without decoding: the files whose mtime moved are hashed, and match
     with caplog.at_level(logging.INFO, logger="vl2v.cache"):
         index, targets = load_dataset_targets(copy, out)
-    assert torch.equal(targets.image, original.image) and targets.valid.all()
+    assert torch.equal(targets.image, original.image) and torch.equal(targets.valid, original.valid)
+    assert [f.path for f in index.bad] == ["art/dog/broken.png"] and int(targets.valid.sum()) == 36
     assert "Hashed 36 image(s) whose modification time differs from the cache's" in caplog.text
     assert f"36 match by content. `vl2v embed '{copy}'` records their new times" in caplog.text
 
     # embedding the copy pays nothing and records the new times: no hashing at later starts
     report = run(scan_dataset(copy), out, tiny_teacher)
     assert (report.embedded, report.reused, report.text_queries, report.complete) == (0, 36, 0, True)
-    assert report.queries_total == first.queries_total == {"images": 36, "texts": 3}
+    assert report.queries_total == {"images": 36, "texts": 3}
     with h5py.File(out / "images-00001.h5", "r") as f:  # the same embeddings under the copy's times
         assert f.attrs["image_queries"] == 0
-        assert dict(zip((p.decode() for p in f["path"][()]), f["mtime_ns"][()].tolist())) == {f.path: f.mtime_ns for f in index.files}
+        assert dict(zip((p.decode() for p in f["path"][()]), f["mtime_ns"][()].tolist())) == {f.path: f.mtime_ns for f in index.files if f.error is None}
+    assert run(scan_dataset(copy), out, tiny_teacher).embedded == 0 and len(list_shards(out)) == 2  # recorded once
+    # the original still loads (its unreadable file is hashed: the manifest now has the copy's times)
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image, original.image)
     no_hashing(monkeypatch)
     assert torch.equal(load_dataset_targets(copy, out)[1].image, original.image)
-    assert torch.equal(load_dataset_targets(dataset, out)[1].image, original.image)  # the original too
 
     # a renamed dataset folder is the same dataset: relative paths, contents and mtimes unchanged
     renamed = copy.rename(tmp_path / "renamed")
     assert torch.equal(load_dataset_targets(renamed, out)[1].image, original.image)
-    flags = dict(student="test_vit", pretrained=False, image_size=32, batch_size=4, workers=0, device="cpu", steps=2, checkpoint_freq=2, test_envs=("art",))
-    run_dir, finals = pipeline.align(renamed, flags, run_dir=tmp_path / "runs" / "align", cache_dir=out)
-    assert list(finals) == ["art"] and (run_dir / "env0" / "done.json").exists()
+    cfg = TrainConfig(student="test_vit", pretrained=False, image_size=32, batch_size=4, workers=0, device="cpu", steps=2, checkpoint_freq=2, test_envs=("art",))
+    finals = train_run(renamed, out, cfg, tmp_path / "run")  # Align on the renamed copy
+    assert list(finals) == ["art"] and (tmp_path / "run" / "env0" / "done.json").exists()
+
+
+def test_new_times_are_recorded_once_whatever_the_shard_order(dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "cache"
+    for i in (1, 2):
+        run(scan_dataset(dataset), out, tiny_teacher, shard=(i, 2))
+    copy = shutil.copytree(dataset, tmp_path / "copy", copy_function=shutil.copyfile)
+    for path in copy.rglob("*.png"):
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 7_000_000_000))
+    for _ in range(2):  # images-00000.h5 sorts before the parts' shards: the rows with the copy's times win
+        report = run(scan_dataset(copy), out, tiny_teacher)
+        assert (report.embedded, report.reused, report.complete) == (0, 36, True)
+    assert [p.name for p in list_shards(out)] == ["images-00000.h5", "images-p1of2-00000.h5", "images-p2of2-00000.h5"]
 
 
 def test_changed_bytes_are_re_embedded_even_with_size_and_mtime_restored(dataset, tiny_teacher, tmp_path, caplog):

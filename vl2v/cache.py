@@ -179,12 +179,14 @@ def _needs_hash(f: ImageFile, rows: list[CachedRow]) -> bool:
 
 
 def _match(f: ImageFile, rows: list[CachedRow]) -> CachedRow | None:
-    """The last row holding `f`'s content: the same sha256 when both are known, else the same times."""
-    if f.sha256 is not None:
-        same = [r for r in rows if r.sha256 == f.sha256 or (r.sha256 is None and _same_times(r, f))]
-    else:
+    """The last row holding `f`'s content (the same sha256 when both are known, else the same times),
+    preferring one stored under `f`'s own times, so that `record_new_times` records them only once."""
+    if f.sha256 is None:
         same = [r for r in rows if _same_times(r, f)]
-    return same[-1] if same else None
+    else:
+        same = [r for r in rows if r.sha256 == f.sha256 or (r.sha256 is None and _same_times(r, f))]
+    timed = [r for r in same if _same_times(r, f)]
+    return (timed or same)[-1] if same else None
 
 
 def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, CachedRow], np.ndarray]:
@@ -301,6 +303,8 @@ def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, compl
             "domains": index.domains,
             "classes": index.classes,
             "num_files": len(index.files),
+            # the files its scan could not use: no shard row stands for them
+            "unreadable": {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256} for f in index.bad},
         },
         "provenance": provenance,
         "shards": [p.name for p in list_shards(cache_dir)],
@@ -363,8 +367,9 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
     if not manifest["complete"]:
         raise UserError(f"Cache {cache_dir} is incomplete (an embed run was interrupted or shard parts are missing). Finish it with: {fix}")
     found, failed = match_rows(index, cache_dir)
-    missing = [f.path for i, f in enumerate(index.files) if f.error is None and i not in found]
-    if missing or manifest["dataset"]["fingerprint"] != _fingerprint(index, manifest.get("format_version", 1)):
+    unchanged = manifest["dataset"]["fingerprint"] == _fingerprint(index, manifest.get("format_version", 1))
+    missing = _missing(index, found, manifest["dataset"], unchanged)
+    if missing or not unchanged:
         cached = {p for shard in list_shards(cache_dir) for p, _ in read_shard_rows(shard)}
         changed = sum(p in cached for p in missing)  # a changed file's old row is not a removal
         stale = max(manifest["dataset"]["num_files"] - (len(index.files) - len(missing)) - changed, 0)
@@ -373,6 +378,28 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
             f"{stale} removed since it was built. Update it (only those are embedded): {fix}"
         )
     return _gather(cache_dir, index, found, failed, manifest)
+
+
+def _missing(index: DatasetIndex, found: dict[int, CachedRow], dataset: dict, unchanged: bool) -> list[str]:
+    """Paths of listed files the cache holds no row for, but for those its embed run found
+    unreadable and that are still the same files. A format-1 manifest does not list those;
+    there, a fingerprint that still matches (mtimes included) vouches that nothing changed."""
+    unfound = [i for i, f in enumerate(index.files) if f.error is None and i not in found]
+    if "unreadable" not in dataset:
+        return [] if unchanged else [index.files[i].path for i in unfound]
+    known = dataset["unreadable"]
+    moved = [i for i in unfound if (f := index.files[i]).path in known and f.sha256 is None and not _same_file(f, known[f.path])]
+    hash_files(index, moved)  # their times moved (a copy?): their bytes decide
+    return [index.files[i].path for i in unfound if not _same_file(index.files[i], known.get(index.files[i].path))]
+
+
+def _same_file(f: ImageFile, known: dict | None) -> bool:
+    """Whether `f` is the file `known` describes: the same sha256 when `f`'s is known, else the same times."""
+    if known is None:
+        return False
+    if f.sha256 is not None:
+        return f.sha256 == known["sha256"]
+    return (f.size, f.mtime_ns) == (known["size"], known["mtime_ns"])
 
 
 def _fingerprint(index: DatasetIndex, format_version: int) -> str:
