@@ -1,11 +1,13 @@
 """Concurrent `vl2v embed` runs on one cache, as real processes: per-part locks, the manifest lock."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -136,3 +138,24 @@ def test_a_waiting_run_names_the_holder_and_leaves_its_temporary_files(dataset, 
     report = child.finish()  # the holder is gone: its temporary file is now stale and removed
     assert report == {"embedded": 36, "complete": True} and child.paid == 36
     assert not live.exists() and not (out / ".embed-all.holder.json").exists()
+
+
+def test_a_run_of_the_whole_dataset_waits_for_live_parts(tmp_path, caplog):
+    """In one process, with a thread: the lock files behave as between processes."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    acquired = threading.Event()
+
+    def whole_dataset():
+        with cache.part_lock(out, (1, 1)):
+            acquired.set()
+
+    with caplog.at_level(logging.INFO, logger="vl2v.cache"), cache.part_lock(out, (2, 4)):
+        other = threading.Thread(target=whole_dataset)
+        other.start()
+        wait_for(lambda: "Waiting for" in caplog.text, "the whole-dataset run did not say it waits", 60)
+        assert f"Waiting for pid {os.getpid()} on host {socket.gethostname()} (since " in caplog.text
+        assert f"which is embedding part 2/4 of {out};" in caplog.text
+        assert not acquired.is_set()
+    other.join(60)
+    assert acquired.is_set()

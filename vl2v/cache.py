@@ -65,15 +65,32 @@ def tmp_pattern(part: tuple[int, int]) -> str:
 def part_lock(cache_dir: Path, part: tuple[int, int]) -> Iterator[None]:
     """Hold part I/N of a cache folder while embedding it. Another run of the same part waits,
     saying which process holds it, and then embeds only what the holder left; other parts go on.
-    The operating system releases the lock of a killed run, so no stale lock outlives its holder."""
+    A run of the whole dataset (1/1) also waits for the live runs of `--shard` parts, whose images
+    it would embed too. The operating system releases a killed run's locks: none outlives it."""
     i, n = part
-    label = "all" if n == 1 else f"p{i}of{n}"
-    lock = FileLock(Path(cache_dir) / f".embed-{label}.lock")
-    holder = Path(cache_dir) / f".embed-{label}.holder.json"
+    cache_dir = Path(cache_dir)
+    if n > 1:
+        labels = [f"p{i}of{n}"]
+    else:
+        labels = ["all", *sorted(m.group(1) for p in cache_dir.glob(".embed-p*.lock") if (m := PART_LOCK_RE.match(p.name)))]
+    with contextlib.ExitStack() as held:
+        for label in labels:
+            held.enter_context(_hold(cache_dir, label))
+        yield
+
+
+PART_LOCK_RE = re.compile(r"^\.embed-(p\d+of\d+)\.lock$")
+
+
+@contextlib.contextmanager
+def _hold(cache_dir: Path, label: str) -> Iterator[None]:
+    """Take the lock `.embed-<label>.lock`, and leave a note of who holds it beside it."""
+    lock = FileLock(cache_dir / f".embed-{label}.lock")
+    holder = cache_dir / f".embed-{label}.holder.json"
     try:
         lock.acquire(timeout=1)  # a holder about to finish is waited for silently
     except Timeout:
-        what = "" if n == 1 else f"part {i}/{n} of "
+        what = "" if label == "all" else "part {}/{} of ".format(*re.findall(r"\d+", label))
         log.info("Waiting for %s, which is embedding %s%s; this run then embeds only what it left.", _holder(holder), what, cache_dir)
         lock.acquire()
     try:
@@ -246,6 +263,8 @@ def record_new_times(index: DatasetIndex, cache_dir: Path, found: dict[int, Cach
         ok = np.array([found[r].ok for r in rows])
         write_shard(cache_dir / shard_name(k, part), index, np.array(rows), emb, ok, queries=0)
         k += 1
+    if moved:
+        log.info("Recorded the new modification times of %d image(s) found by content (no teacher query).", len(moved))
     return len(moved)
 
 
