@@ -1,7 +1,10 @@
 """The teacher-embedding cache: what it holds, incremental updates, refusals, teacher zero-shot."""
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -14,12 +17,14 @@ from PIL import Image
 import vl2v
 from conftest import make_dataset, make_image
 from vl2v import cache
-from vl2v.cache import Targets, load_targets
+from vl2v.cache import Targets, list_shards, load_dataset_targets, load_targets
+from vl2v.config import TrainConfig
 from vl2v.data import DatasetIndex, ImageFile, scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.evaluate import teacher_zero_shot
 from vl2v.runtime import UserError
 from vl2v.teacher import build_text_embeddings, create_teacher, load_templates
+from vl2v.train import train_run
 
 CPU = torch.device("cpu")
 
@@ -54,6 +59,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     (dataset / "art" / "dog" / "broken.png").write_bytes(b"not a png")
     index = scan_dataset(dataset)
     assert len(index.files) == 37 and len(index.bad) == 1
+    bad = index.bad[0]
     out = tmp_path / "cache"
     report = run(index, out, tiny_teacher, prompts="domains")
 
@@ -64,6 +70,9 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     for f in good:
         assert rows[f.path][:3] == (f.size, f.mtime_ns, True)
         assert rows[f.path][3].dtype == np.float16 and rows[f.path][3].shape == (16,)
+    with h5py.File(out / "images-00000.h5", "r") as f:  # each row's content key: its bytes' sha256
+        stored = dict(zip((p.decode() for p in f["path"][()]), (h.decode() for h in f["sha256"][()])))
+    assert stored == {f.path: hashlib.sha256((dataset / f.path).read_bytes()).hexdigest() for f in good}
 
     # the embeddings are the teacher's own, computed independently
     targets = load_targets(out, index)
@@ -80,6 +89,10 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     art, photo = rows_of["art/cat/0.png"], rows_of["photo/cat/0.png"]
     assert targets.valid[art] and targets.valid[photo]
     assert not torch.allclose(targets.image[art], targets.image[photo], atol=0.05)
+    # training lists files without decoding them: the cache says which one is unreadable
+    listed, from_listing = load_dataset_targets(dataset, out)
+    assert torch.equal(from_listing.valid, targets.valid)
+    assert [(f.path, f.error) for f in listed.bad] == [("art/dog/broken.png", "unreadable (found when embedding)")]
     assert (targets.image[art] - targets.image[photo]).abs().max() > 0.05
 
     # text.h5: per-template and class embeddings, logit scale
@@ -101,7 +114,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     # manifest: provenance, dataset fingerprint, shard list, queries
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == targets.manifest
-    assert manifest["format_version"] == 1 and manifest["vl2v_version"] == vl2v.__version__
+    assert manifest["format_version"] == 2 and manifest["vl2v_version"] == vl2v.__version__
     assert manifest["complete"] is True
     assert manifest["provenance"] == {
         "teacher": tiny_teacher,
@@ -121,10 +134,12 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
         "domains": ["art", "photo", "sketch"],
         "classes": ["cat", "dog", "sea_lion"],
         "num_files": 37,
+        "unreadable": {"art/dog/broken.png": {"size": 9, "mtime_ns": bad.mtime_ns, "sha256": hashlib.sha256(b"not a png").hexdigest()}},
     }
     assert manifest["shards"] == sorted(p.name for p in out.glob("images-*.h5")) == ["images-00000.h5"]
     assert manifest["queries"] == {"images": 36, "texts": 12}
-    assert not list(out.glob(".*"))  # no temporary files left
+    # the locks stay (removing a lock file races with its next taker); no temporary file or holder note
+    assert sorted(p.name for p in out.glob(".*")) == [".embed-all.lock", ".manifest.lock"]
 
     # the report says the same
     assert (report.embedded, report.reused, report.failed, report.text_queries) == (36, 0, 1, 12)
@@ -208,6 +223,148 @@ def test_incremental_update(dataset, tiny_teacher, tmp_path):
             if "sketch/dog/1.png" in paths:
                 stored.append(int(f["mtime_ns"][paths.index("sketch/dog/1.png")]))
     assert stored == [before.st_mtime_ns, index.files[i].mtime_ns]
+
+
+# --- content identity -----------------------------------------------------------------------------
+
+
+def no_teacher(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing to embed: the teacher must not be built")
+
+    monkeypatch.setattr("vl2v.embed.create_teacher", refuse)
+    monkeypatch.setattr("vl2v.teacher.create_teacher", refuse)
+
+
+def no_hashing(monkeypatch) -> None:
+    def refuse(index, rows, threads=4):
+        assert not rows, f"{len(rows)} file(s) hashed: the fast path (size, mtime) should have matched"
+
+    monkeypatch.setattr("vl2v.cache.hash_files", refuse)
+
+
+def test_a_copied_dataset_with_new_mtimes_pays_nothing_and_trains(dataset, tiny_teacher, tmp_path, monkeypatch, caplog):
+    (dataset / "art" / "dog" / "broken.png").write_bytes(b"not a png")  # known unreadable by its bytes
+    out = tmp_path / "cache"
+    first = run(scan_dataset(dataset), out, tiny_teacher)
+    original = load_targets(out, scan_dataset(dataset))
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy, copy_function=shutil.copyfile)  # contents only: new mtimes
+    for path in copy.rglob("*.png"):
+        os.utime(path, ns=(0, (dataset / path.relative_to(copy)).stat().st_mtime_ns + 7_000_000_000))
+    no_teacher(monkeypatch)
+    assert first.queries_total == {"images": 36, "texts": 3}
+
+    # training lists the copy without decoding: the files whose mtime moved are hashed, and match
+    with caplog.at_level(logging.INFO, logger="vl2v.cache"):
+        index, targets = load_dataset_targets(copy, out)
+    assert torch.equal(targets.image, original.image) and torch.equal(targets.valid, original.valid)
+    assert [f.path for f in index.bad] == ["art/dog/broken.png"] and int(targets.valid.sum()) == 36
+    assert "Hashed 36 image(s) whose modification time differs from the cache's" in caplog.text
+    assert f"36 match by content. `vl2v embed '{copy}'` records their new times" in caplog.text
+
+    # embedding the copy pays nothing and records the new times: no hashing at later starts
+    report = run(scan_dataset(copy), out, tiny_teacher)
+    assert (report.embedded, report.reused, report.text_queries, report.complete) == (0, 36, 0, True)
+    assert report.queries_total == {"images": 36, "texts": 3}
+    with h5py.File(out / "images-00001.h5", "r") as f:  # the same embeddings under the copy's times
+        assert f.attrs["image_queries"] == 0
+        assert dict(zip((p.decode() for p in f["path"][()]), f["mtime_ns"][()].tolist())) == {f.path: f.mtime_ns for f in index.files if f.error is None}
+    assert run(scan_dataset(copy), out, tiny_teacher).embedded == 0 and len(list_shards(out)) == 2  # recorded once
+    # the original still loads (its unreadable file is hashed: the manifest now has the copy's times)
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image, original.image)
+    no_hashing(monkeypatch)
+    assert torch.equal(load_dataset_targets(copy, out)[1].image, original.image)
+
+    # a renamed dataset folder is the same dataset: relative paths, contents and mtimes unchanged
+    renamed = copy.rename(tmp_path / "renamed")
+    assert torch.equal(load_dataset_targets(renamed, out)[1].image, original.image)
+    cfg = TrainConfig(student="test_vit", pretrained=False, image_size=32, batch_size=4, workers=0, device="cpu", steps=2, checkpoint_freq=2, test_envs=("art",))
+    finals = train_run(renamed, out, cfg, tmp_path / "run")  # Align on the renamed copy
+    assert list(finals) == ["art"] and (tmp_path / "run" / "env0" / "done.json").exists()
+
+
+def test_new_times_are_recorded_once_whatever_the_shard_order(dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "cache"
+    for i in (1, 2):
+        run(scan_dataset(dataset), out, tiny_teacher, shard=(i, 2))
+    copy = shutil.copytree(dataset, tmp_path / "copy", copy_function=shutil.copyfile)
+    for path in copy.rglob("*.png"):
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 7_000_000_000))
+    for _ in range(2):  # images-00000.h5 sorts before the parts' shards: the rows with the copy's times win
+        report = run(scan_dataset(copy), out, tiny_teacher)
+        assert (report.embedded, report.reused, report.complete) == (0, 36, True)
+    assert [p.name for p in list_shards(out)] == ["images-00000.h5", "images-p1of2-00000.h5", "images-p2of2-00000.h5"]
+
+
+def test_changed_bytes_are_re_embedded_even_with_size_and_mtime_restored(dataset, tiny_teacher, tmp_path, caplog):
+    victim = make_image(dataset / "art" / "cat" / "x.bmp", 500)  # uncompressed: same size for any content
+    out = tmp_path / "cache"
+    run(scan_dataset(dataset), out, tiny_teacher)
+    row = [f.path for f in scan_dataset(dataset).files].index("art/cat/x.bmp")
+    old = load_targets(out, scan_dataset(dataset)).image[row]
+    before = victim.stat()
+    make_image(victim, 501)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    # a listing alone trusts size and mtime (the cheap path of training); a decoding scan knows better
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image[row], old)
+    with pytest.raises(UserError, match=r"does not match .*: 1 file\(s\) new or changed, 0 removed"):
+        load_targets(out, scan_dataset(dataset))
+    report = run(scan_dataset(dataset), out, tiny_teacher)
+    assert (report.embedded, report.reused) == (1, 36)
+    expected = encode_by_hand(tiny_teacher, dataset, ["art/cat/x.bmp"])[0]
+    torch.testing.assert_close(load_targets(out, scan_dataset(dataset)).image[row], expected, atol=2e-3, rtol=0)
+    # now two rows share the file's size and mtime: a listing hashes that one file to choose
+    with caplog.at_level(logging.INFO, logger="vl2v.cache"):
+        listed = load_dataset_targets(dataset, out)[1]
+    assert "Hashed 1 image(s)" in caplog.text and "1 match by content" in caplog.text
+    torch.testing.assert_close(listed.image[row], expected, atol=2e-3, rtol=0)
+
+
+def test_equal_files_at_different_paths_are_different_images(dataset, tiny_teacher, tmp_path):
+    twin = (dataset / "art" / "cat" / "0.png").read_bytes()
+    for path in ("photo/dog/twin.png", "sketch/sea_lion/twin.png"):
+        (dataset / path).write_bytes(twin)  # one content under two labels
+    out = tmp_path / "cache"
+    index = scan_dataset(dataset)
+    assert run(index, out, tiny_teacher).embedded == 38
+    rows = shard_rows(out)
+    assert {"art/cat/0.png", "photo/dog/twin.png", "sketch/sea_lion/twin.png"} <= rows.keys() and len(rows) == 38
+    targets = load_targets(out, index)
+    at = {f.path: i for i, f in enumerate(index.files)}
+    twins = [at["art/cat/0.png"], at["photo/dog/twin.png"], at["sketch/sea_lion/twin.png"]]
+    assert targets.valid[twins].all() and [index.files[i].label for i in twins] == [0, 1, 2]
+    assert torch.equal(targets.image[twins[0]], targets.image[twins[1]])
+    # the key is path and content: known content at a new path is a new image
+    (dataset / "art" / "dog" / "twin.png").write_bytes(twin)
+    assert run(scan_dataset(dataset), out, tiny_teacher).embedded == 1
+
+
+def test_a_version_1_cache_still_loads_and_is_brought_up_to_date(dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "cache"
+    index = scan_dataset(dataset)
+    run(index, out, tiny_teacher)
+    expected = load_targets(out, index).image
+    # what vl2v wrote before content keys: no sha256 column, a fingerprint over path, size and mtime
+    with h5py.File(out / "images-00000.h5", "a") as f:
+        del f["sha256"]
+    legacy = hashlib.sha256("".join(f"{f.path}\t{f.size}\t{f.mtime_ns}\n" for f in index.files).encode()).hexdigest()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["dataset"]["fingerprint"] = legacy
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(load_dataset_targets(dataset, out)[1].image, expected)
+
+    # its rows match by size and mtime only: a touched file is new to it, and embed brings it up to date
+    touched = dataset / "photo" / "dog" / "2.png"
+    os.utime(touched, ns=(0, touched.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(UserError, match=r"does not match .*: 1 file\(s\) new or changed, 0 removed"):
+        load_dataset_targets(dataset, out)
+    report = run(scan_dataset(dataset), out, tiny_teacher)
+    assert (report.embedded, report.reused) == (1, 35)
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
+    torch.testing.assert_close(load_dataset_targets(dataset, out)[1].image, expected, atol=2e-3, rtol=0)
 
 
 # --- refusals -------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from PIL import Image
 from vl2v.data import (
     IMAGE_EXTENSIONS,
     all_splits,
+    check_image,
     describe_dataset,
-    image_error,
     load_rgb,
     scan_dataset,
     seed_hash,
@@ -279,9 +279,28 @@ def test_unreadable_files_listed_with_reasons_and_excluded_everywhere(tmp_path):
         assert f"art/cat/{name}" in message
 
 
-def test_image_error_on_a_good_file_is_none(tmp_path):
-    assert image_error(make_image(tmp_path / "ok.png", 0)) is None
-    assert image_error(make_image(tmp_path / "ok.jpg", 0, size=64)) is None
+def test_check_image_of_a_good_file_gives_no_error_and_the_bytes_hash(tmp_path):
+    for path in (make_image(tmp_path / "ok.png", 0), make_image(tmp_path / "ok.jpg", 0, size=64)):
+        assert check_image(path) == (None, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def test_scan_hashes_each_file_it_decodes_and_the_fingerprint_ignores_mtimes(tmp_path):
+    root = make_dataset(tmp_path / "ds", domains=("a", "b"), classes=("x",), per_class=2)
+    (root / "a" / "x" / "text.jpg").write_text("not an image at all\n")
+    index = scan_dataset(root)
+    assert {f.path: f.sha256 for f in index.files} == {
+        f.path: hashlib.sha256((root / f.path).read_bytes()).hexdigest() for f in index.files
+    }  # the unreadable file too: its bytes were read
+    assert [f.sha256 for f in scan_dataset(root, check_images=False).files] == [None] * 5  # no reading
+
+    fingerprint = index.fingerprint()
+    os.utime(root / "a" / "x" / "0.png", ns=(1, 1))
+    assert scan_dataset(root, check_images=False).fingerprint() == fingerprint
+    (root / "b" / "x" / "1.png").write_bytes(b"longer" + (root / "b" / "x" / "1.png").read_bytes())
+    resized = scan_dataset(root, check_images=False).fingerprint()
+    assert resized != fingerprint
+    (root / "b" / "x" / "1.png").rename(root / "b" / "x" / "2.png")
+    assert scan_dataset(root, check_images=False).fingerprint() != resized
 
 
 def test_unreadable_file_leaves_every_other_split_membership_unchanged(tmp_path):

@@ -1,7 +1,9 @@
 """The embed job: kill -9 and resume, --shard I/N, decoding workers, and the `vl2v embed` command."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from conftest import make_dataset
 from vl2v.cache import list_shards, load_targets
 from vl2v.cli import app
 from vl2v.data import scan_dataset
-from vl2v.embed import EmbedConfig, embed_dataset
+from vl2v.embed import EmbedConfig, embed_dataset, estimate_line
 from vl2v.evaluate import teacher_zero_shot
 from vl2v.runtime import UserError
 from vl2v.teacher import Teacher
@@ -137,7 +139,9 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_teacher, c
     embed_dataset(index, tmp_path / "straight", config(tiny_teacher, shard_size=SHARD))
     assert sum(count_queries) == N_IMAGES
     resumed, straight = cache_content(killed), cache_content(tmp_path / "straight")
-    assert resumed["files"] == straight["files"] == [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
+    # the killed run's holder note went with the resumed run: only the lock files stay
+    locks = [".embed-all.lock", ".manifest.lock"]
+    assert resumed["files"] == straight["files"] == locks + [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
     assert resumed["shards"].keys() == straight["shards"].keys()
     for name in straight["shards"]:
         assert resumed["shards"][name] == straight["shards"][name], name
@@ -252,3 +256,26 @@ def test_cli_bad_shard(dataset, tmp_path, monkeypatch, shard, message):
     assert result.stderr.strip() == message
     assert result.stdout == ""
     assert not (tmp_path / "cache").exists()
+
+
+# --- the CPU time estimate ------------------------------------------------------------------------
+
+
+def test_estimate_line_figures():
+    cpu = torch.device("cpu")
+    assert estimate_line(24_788, 3.4, cpu) == (
+        "embedding 24,788 images on cpu: about 2.0 h at 3.4 img/s (measured on the first batch); "
+        "use a GPU (--device cuda) or split the work across machines with --shard I/N"
+    )
+    assert estimate_line(9_991, 3.4, cpu).startswith("embedding 9,991 images on cpu: about 49 min at 3.4 img/s")
+    assert estimate_line(100, 2.0, cpu).startswith("embedding 100 images on cpu: about 50 s at 2.0 img/s")
+
+
+def test_a_long_cpu_embed_logs_its_estimate_once_after_the_first_batch(dataset, tiny_teacher, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("vl2v.embed.LONG_CPU_EMBED_S", 0.0)  # the tiny teacher is fast: call any embed long
+    seen = []
+    with caplog.at_level(logging.INFO, logger="vl2v.embed"):
+        embed_dataset(scan_dataset(dataset), tmp_path / "cache", config(tiny_teacher), progress=lambda d, n: seen.append(d))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedding ")]
+    assert len(lines) == 1 and re.fullmatch(r"embedding 36 images on cpu: about \d+ s at [\d.]+ img/s \(measured on the first batch\); .*--shard I/N", lines[0])
+    assert seen == [8, 16, 24, 32, 36]  # the caller's progress still sees every batch

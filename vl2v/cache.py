@@ -3,33 +3,47 @@
 Layout of a cache folder (default `cache/<dataset>/<teacher>/`):
     manifest.json            provenance, dataset fingerprint, shard list, query counts (written last)
     text.h5                  classes, templates, per-template [C, T, D] and class [C, D] embeddings
-    images-00000.h5, ...     rows: path, size, mtime_ns, ok, embedding [N, D] (fp16 by default)
+    images-00000.h5, ...     rows: path, size, mtime_ns, sha256, ok, embedding [N, D] (fp16 by default)
     images-p2of4-00000.h5    shards written by `--shard 2/4`
+    .embed-*.lock, .manifest.lock   file locks (see `part_lock`, `manifest_lock`)
 A shard is written under a temporary name and renamed when complete, so a shard that exists is
-whole. A row matches a dataset image when path, size and mtime agree; rows that match nothing
-(removed or changed files) are ignored.
+whole. A row matches a dataset image of the same relative path when their contents' sha256 agree
+(or, cheaply, when size and mtime agree: see `match_rows`); rows that match nothing (removed or
+changed files) are ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from vl2v import __version__
-from vl2v.data import DatasetIndex, scan_dataset
+from vl2v.data import DatasetIndex, ImageFile, hash_files, scan_dataset
 from vl2v.runtime import UserError, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TEXT = "text.h5"
 SHARD_RE = re.compile(r"^images-(?:p(\d+)of(\d+)-)?(\d{5})\.h5$")
-FORMAT_VERSION = 1
+# 2: shards store each image's sha256 and the dataset fingerprint leaves out mtimes. Version-1
+# caches still load: their rows match by size and mtime, their fingerprint is checked as written.
+FORMAT_VERSION = 2
 
 
 def default_cache_dir(cache_root: Path, dataset_name: str, teacher_slug: str) -> Path:
@@ -45,6 +59,62 @@ def tmp_pattern(part: tuple[int, int]) -> str:
     """Glob of the temporary files of one part's shards (and only that part's)."""
     i, n = part
     return ".images-[0-9]*.h5.tmp" if n == 1 else f".images-p{i}of{n}-*.h5.tmp"
+
+
+@contextlib.contextmanager
+def part_lock(cache_dir: Path, part: tuple[int, int]) -> Iterator[None]:
+    """Hold part I/N of a cache folder while embedding it. Another run of the same part waits,
+    saying which process holds it, and then embeds only what the holder left; other parts go on.
+    A run of the whole dataset (1/1) also waits for the live runs of `--shard` parts, whose images
+    it would embed too. The operating system releases a killed run's locks: none outlives it."""
+    i, n = part
+    cache_dir = Path(cache_dir)
+    if n > 1:
+        labels = [f"p{i}of{n}"]
+    else:
+        labels = ["all", *sorted(m.group(1) for p in cache_dir.glob(".embed-p*.lock") if (m := PART_LOCK_RE.match(p.name)))]
+    with contextlib.ExitStack() as held:
+        for label in labels:
+            held.enter_context(_hold(cache_dir, label))
+        yield
+
+
+PART_LOCK_RE = re.compile(r"^\.embed-(p\d+of\d+)\.lock$")
+
+
+@contextlib.contextmanager
+def _hold(cache_dir: Path, label: str) -> Iterator[None]:
+    """Take the lock `.embed-<label>.lock`, and leave a note of who holds it beside it."""
+    lock = FileLock(cache_dir / f".embed-{label}.lock")
+    holder = cache_dir / f".embed-{label}.holder.json"
+    try:
+        lock.acquire(timeout=1)  # a holder about to finish is waited for silently
+    except Timeout:
+        what = "" if label == "all" else "part {}/{} of ".format(*re.findall(r"\d+", label))
+        log.info("Waiting for %s, which is embedding %s%s; this run then embeds only what it left.", _holder(holder), what, cache_dir)
+        lock.acquire()
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    """Who holds a part lock, from the note its holder wrote (the lock file itself holds nothing)."""
+    try:
+        who = json.loads(path.read_text())
+        return f"pid {who['pid']} on host {who['host']} (since {who['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or just removed
+        return "another process"
+
+
+def manifest_lock(cache_dir: Path) -> FileLock:
+    """A short cache-wide lock around reading the shards and writing the manifest, so that of
+    parts finishing together the last one sees every shard and its manifest stands."""
+    return FileLock(Path(cache_dir) / ".manifest.lock")
 
 
 def list_shards(cache_dir: Path) -> list[Path]:
@@ -75,8 +145,10 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> N
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, index: DatasetIndex, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray) -> None:
-    """One shard: dataset rows `rows` with their [N, D] embeddings and decode flags."""
+def write_shard(path: Path, index: DatasetIndex, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray, queries: int | None = None) -> None:
+    """One shard: dataset rows `rows` with their [N, D] embeddings and decode flags. `queries`:
+    teacher queries it cost (default: its decoded images; 0 for rows copied from other shards)."""
+    hash_files(index, [int(r) for r in rows if index.files[r].sha256 is None])  # a scan without decoding
     files = [index.files[r] for r in rows]
     write_h5_atomic(
         path,
@@ -84,32 +156,116 @@ def write_shard(path: Path, index: DatasetIndex, rows: np.ndarray, emb: np.ndarr
             "path": np.array([f.path for f in files], dtype=str),
             "size": np.array([f.size for f in files], dtype=np.int64),
             "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
+            "sha256": np.array([f.sha256 or "" for f in files], dtype="S64"),  # "": unreadable now
             "ok": ok.astype(bool),
             "embedding": emb,
         },
-        {"image_queries": int(ok.sum())},
+        {"image_queries": int(ok.sum()) if queries is None else queries},
     )
 
 
-def read_shard_keys(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    with h5py.File(path, "r") as f:
+class CachedRow(NamedTuple):
+    """Where an image's embedding is stored, and the key it was stored under."""
+
+    shard: Path
+    pos: int
+    size: int
+    mtime_ns: int
+    sha256: str | None  # None in format-1 shards
+    ok: bool
+
+
+def read_shard_rows(shard: Path) -> list[tuple[str, CachedRow]]:
+    """(relative path, row) for every row of a shard, without its embeddings."""
+    with h5py.File(shard, "r") as f:
         paths = [p.decode() if isinstance(p, bytes) else p for p in f["path"][()]]
-        return paths, f["size"][()], f["mtime_ns"][()], f["ok"][()]
+        hashes = [h.decode() or None for h in f["sha256"][()]] if "sha256" in f else [None] * len(paths)
+        keys = zip(f["size"][()].tolist(), f["mtime_ns"][()].tolist(), hashes, f["ok"][()].tolist())
+        return [(p, CachedRow(shard, i, *key)) for i, (p, key) in enumerate(zip(paths, keys))]
 
 
-def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, tuple[Path, int]], np.ndarray]:
-    """Which dataset rows the shards already cover: {row: (shard, position)}, and a decode-failed mask."""
-    where = {(f.path, f.size, f.mtime_ns): i for i, f in enumerate(index.files)}
-    found: dict[int, tuple[Path, int]] = {}
-    failed = np.zeros(len(index.files), dtype=bool)
+def _same_times(row: CachedRow, f: ImageFile) -> bool:
+    return (row.size, row.mtime_ns) == (f.size, f.mtime_ns)
+
+
+def _needs_hash(f: ImageFile, rows: list[CachedRow]) -> bool:
+    """Whether size and mtime alone cannot tell which cached content `f` holds while a hash can:
+    no row has its times (a copied or touched file), or rows with its times differ in content."""
+    timed = {r.sha256 for r in rows if _same_times(r, f)}
+    return f.sha256 is None and f.error is None and len(timed) != 1 and any(r.sha256 for r in rows)
+
+
+def _match(f: ImageFile, rows: list[CachedRow]) -> CachedRow | None:
+    """The last row holding `f`'s content (the same sha256 when both are known, else the same times),
+    preferring one stored under `f`'s own times, so that `record_new_times` records them only once."""
+    if f.sha256 is None:
+        same = [r for r in rows if _same_times(r, f)]
+    else:
+        same = [r for r in rows if r.sha256 == f.sha256 or (r.sha256 is None and _same_times(r, f))]
+    timed = [r for r in same if _same_times(r, f)]
+    return (timed or same)[-1] if same else None
+
+
+def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, CachedRow], np.ndarray]:
+    """Which dataset rows the shards already hold: {row: CachedRow}, and a decode-failed mask.
+
+    Rows are keyed by relative path and content, never content alone (equal files in two class
+    folders are two images). An index from a decoding scan knows every file's sha256; one from a
+    listing alone (training) matches by size and mtime, and hashes only the files those do not
+    settle, so a copied dataset is recognised at the cost of reading its files once more."""
+    wanted = {f.path for f in index.files}
+    cached: dict[str, list[CachedRow]] = {}
     for shard in list_shards(cache_dir):
-        paths, sizes, mtimes, ok = read_shard_keys(shard)
-        for pos, key in enumerate(zip(paths, sizes.tolist(), mtimes.tolist())):
-            row = where.get(key)
-            if row is not None:
-                found[row] = (shard, pos)
-                failed[row] = not ok[pos]
+        for path, row in read_shard_rows(shard):
+            if path in wanted:
+                cached.setdefault(path, []).append(row)
+    unsure = [i for i, f in enumerate(index.files) if f.path in cached and _needs_hash(f, cached[f.path])]
+    started = time.monotonic()
+    hash_files(index, unsure)
+    found = {i: row for i, f in enumerate(index.files) if (row := _match(f, cached.get(f.path, [])))}
+    if unsure:
+        log.info(
+            "Hashed %d image(s) whose modification time differs from the cache's (%.1f s); %d match by "
+            "content. `vl2v embed '%s'` records their new times, so that later runs skip this.",
+            len(unsure), time.monotonic() - started, sum(i in found for i in unsure), index.root,
+        )
+    failed = np.zeros(len(index.files), dtype=bool)
+    failed[[i for i, row in found.items() if not row.ok]] = True
     return found, failed
+
+
+def read_embeddings(rows: list[CachedRow], out: np.ndarray | None = None, at: list[int] | None = None) -> np.ndarray:
+    """The stored embeddings of `rows` written into `out[at]` (default: a new [len(rows), D] array
+    of the stored dtype, in order); one contiguous read per shard, then a gather in memory."""
+    at = list(range(len(rows))) if at is None else at
+    by_shard: dict[Path, list[int]] = {}
+    for k, row in enumerate(rows):
+        by_shard.setdefault(row.shard, []).append(k)
+    for shard, ks in by_shard.items():
+        with h5py.File(shard, "r") as f:
+            emb = f["embedding"][()]
+        if out is None:
+            out = np.zeros((len(rows), emb.shape[1]), dtype=emb.dtype)
+        out[[at[k] for k in ks]] = emb[[rows[k].pos for k in ks]]
+    return out
+
+
+def record_new_times(index: DatasetIndex, cache_dir: Path, found: dict[int, CachedRow], part: tuple[int, int], shard_size: int) -> int:
+    """Store again, under their current size and mtime, the embeddings of this part's images that
+    were found by content alone (a copied dataset), so that training matches them without hashing.
+    Costs disk space, no teacher query. Returns how many images were recorded."""
+    i, n = part
+    moved = [r for r, row in sorted(found.items()) if r % n == i - 1 and not _same_times(row, index.files[r])]
+    k = next_shard_number(cache_dir, part)
+    for start in range(0, len(moved), shard_size):
+        rows = moved[start : start + shard_size]
+        emb = read_embeddings([found[r] for r in rows])
+        ok = np.array([found[r].ok for r in rows])
+        write_shard(cache_dir / shard_name(k, part), index, np.array(rows), emb, ok, queries=0)
+        k += 1
+    if moved:
+        log.info("Recorded the new modification times of %d image(s) found by content (no teacher query).", len(moved))
+    return len(moved)
 
 
 def write_text(cache_dir: Path, classes: list[str], templates: list[str], per_template: torch.Tensor, class_emb: torch.Tensor, logit_scale: float) -> None:
@@ -166,6 +322,8 @@ def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, compl
             "domains": index.domains,
             "classes": index.classes,
             "num_files": len(index.files),
+            # the files its scan could not use: no shard row stands for them
+            "unreadable": {f.path: {"size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256} for f in index.bad},
         },
         "provenance": provenance,
         "shards": [p.name for p in list_shards(cache_dir)],
@@ -228,9 +386,10 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
     if not manifest["complete"]:
         raise UserError(f"Cache {cache_dir} is incomplete (an embed run was interrupted or shard parts are missing). Finish it with: {fix}")
     found, failed = match_rows(index, cache_dir)
-    if manifest["dataset"]["fingerprint"] != index.fingerprint():
-        missing = [f.path for i, f in enumerate(index.files) if f.error is None and i not in found]
-        cached = {p for shard in list_shards(cache_dir) for p in read_shard_keys(shard)[0]}
+    unchanged = manifest["dataset"]["fingerprint"] == _fingerprint(index, manifest.get("format_version", 1))
+    missing = _missing(index, found, manifest["dataset"], unchanged)
+    if missing or not unchanged:
+        cached = {p for shard in list_shards(cache_dir) for p, _ in read_shard_rows(shard)}
         changed = sum(p in cached for p in missing)  # a changed file's old row is not a removal
         stale = max(manifest["dataset"]["num_files"] - (len(index.files) - len(missing)) - changed, 0)
         raise UserError(
@@ -240,18 +399,42 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
     return _gather(cache_dir, index, found, failed, manifest)
 
 
-def _gather(cache_dir: Path, index: DatasetIndex, found: dict, failed: np.ndarray, manifest: dict) -> Targets:
+def _missing(index: DatasetIndex, found: dict[int, CachedRow], dataset: dict, unchanged: bool) -> list[str]:
+    """Paths of listed files the cache holds no row for, but for those its embed run found
+    unreadable and that are still the same files. A format-1 manifest does not list those;
+    there, a fingerprint that still matches (mtimes included) vouches that nothing changed."""
+    unfound = [i for i, f in enumerate(index.files) if f.error is None and i not in found]
+    if "unreadable" not in dataset:
+        return [] if unchanged else [index.files[i].path for i in unfound]
+    known = dataset["unreadable"]
+    moved = [i for i in unfound if (f := index.files[i]).path in known and f.sha256 is None and not _same_file(f, known[f.path])]
+    hash_files(index, moved)  # their times moved (a copy?): their bytes decide
+    return [index.files[i].path for i in unfound if not _same_file(index.files[i], known.get(index.files[i].path))]
+
+
+def _same_file(f: ImageFile, known: dict | None) -> bool:
+    """Whether `f` is the file `known` describes: the same sha256 when `f`'s is known, else the same times."""
+    if known is None:
+        return False
+    if f.sha256 is not None:
+        return f.sha256 == known["sha256"]
+    return (f.size, f.mtime_ns) == (known["size"], known["mtime_ns"])
+
+
+def _fingerprint(index: DatasetIndex, format_version: int) -> str:
+    """The dataset fingerprint as a cache of `format_version` wrote it (version 1 included mtimes)."""
+    if format_version >= 2:
+        return index.fingerprint()
+    h = hashlib.sha256()
+    for f in index.files:
+        h.update(f"{f.path}\t{f.size}\t{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _gather(cache_dir: Path, index: DatasetIndex, found: dict[int, CachedRow], failed: np.ndarray, manifest: dict) -> Targets:
     text = read_text(cache_dir)
-    dim = text["class_embedding"].shape[1]
-    image = np.zeros((len(index.files), dim), dtype=np.float32)
-    by_shard: dict[Path, list[tuple[int, int]]] = {}
-    for row, (shard, pos) in found.items():
-        by_shard.setdefault(shard, []).append((row, pos))
-    for shard, pairs in by_shard.items():
-        with h5py.File(shard, "r") as f:
-            emb = f["embedding"][()]  # one contiguous read per shard, then gather in memory
-        rows, pos = map(np.array, zip(*pairs))
-        image[rows] = emb[pos].astype(np.float32)
+    image = np.zeros((len(index.files), text["class_embedding"].shape[1]), dtype=np.float32)
+    read_embeddings(list(found.values()), image, list(found))
     valid = np.zeros(len(index.files), dtype=bool)
     valid[list(found)] = True
     valid &= ~failed

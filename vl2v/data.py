@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
@@ -90,6 +91,7 @@ class ImageFile:
     size: int
     mtime_ns: int
     error: str | None = None  # why it cannot be used; None for a good image
+    sha256: str | None = None  # hex digest of the file's bytes, once read (`check_image_files`)
 
 
 @dataclass
@@ -131,10 +133,12 @@ class DatasetIndex:
         return self.domains.index(name)
 
     def fingerprint(self) -> str:
-        """sha256 over every candidate's relative path, size and modification time."""
+        """sha256 over every candidate's relative path and size: which files the dataset lists.
+        Modification times are left out, so a copy of the dataset has the same fingerprint; the
+        cache checks each image's content on its own (`vl2v.cache.match_rows`)."""
         h = hashlib.sha256()
         for f in self.files:
-            h.update(f"{f.path}\t{f.size}\t{f.mtime_ns}\n".encode())
+            h.update(f"{f.path}\t{f.size}\n".encode())
         return h.hexdigest()
 
 
@@ -245,31 +249,54 @@ def _check_registry(index: DatasetIndex) -> None:
         log.warning("%s: %d images found, DomainBed has %d", info.name, len(index.files), info.num_images)
 
 
-def image_error(path: Path) -> str | None:
-    """Why an image file cannot be used, or None. Decodes it (JPEG at reduced scale, for speed)."""
+def check_image(path: Path) -> tuple[str | None, str | None]:
+    """(why the file cannot be used or None, sha256 of its bytes or None if unreadable). The bytes
+    are read once, hashed, and decoded from memory (JPEG at reduced scale, for speed)."""
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "broken symlink", None
+    except OSError as e:
+        return f"not a readable file ({e.strerror or type(e).__name__})", None
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return "empty file", digest
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: still reads every byte
             im.load()
-    except FileNotFoundError:
-        return "broken symlink"
+    except UnidentifiedImageError:  # its text would name the in-memory buffer, not the file
+        return "not a readable image (cannot identify image file)", digest
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"not a readable image ({str(e)[:80] or type(e).__name__})"
-    return None
+        return f"not a readable image ({str(e)[:80] or type(e).__name__})", digest
+    return None, digest
 
 
 def check_image_files(index: DatasetIndex, *, progress: Progress | None = None, threads: int = 4) -> None:
-    """Fill `error` for every candidate that does not decode (PIL releases the GIL while decoding)."""
+    """Fill `error` and `sha256` of every candidate (PIL and hashlib release the GIL)."""
     todo = [f for f in index.files if f.error is None]
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(todo), 1024):  # bounded queue: memory stays flat on big datasets
             chunk = todo[start : start + 1024]
-            for f, err in zip(chunk, pool.map(lambda f: image_error(index.root / f.path), chunk)):
-                f.error = err
+            for f, (error, digest) in zip(chunk, pool.map(lambda f: check_image(index.root / f.path), chunk)):
+                f.error, f.sha256 = error, digest
             if progress:
                 progress(start + len(chunk), len(todo))
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None if it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()  # images are small: one read
+    except OSError:
+        return None
+
+
+def hash_files(index: DatasetIndex, rows: list[int], threads: int = 4) -> None:
+    """Fill `sha256` of `rows` from their bytes alone (no decoding): the cache's slow path."""
+    with ThreadPoolExecutor(threads) as pool:
+        for r, digest in zip(rows, pool.map(lambda r: file_sha256(index.root / index.files[r].path), rows)):
+            index.files[r].sha256 = digest
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,16 +63,25 @@ def _check_provenance(cache_dir: Path, spec: str) -> None:
 
 
 def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progress: Progress | None = None) -> EmbedReport:
-    """Embed every image of `index` not yet in `cache_dir`, and the class prompts; resumable."""
+    """Embed every image of `index` not yet in `cache_dir`, and the class prompts; resumable. A
+    second run of the same part waits for the first (`cache.part_lock`), then pays for what is left."""
     spec = str(parse_teacher_spec(cfg.teacher))
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _check_provenance(cache_dir, spec)
+    _check_provenance(cache_dir, spec)  # before waiting for a lock: a wrong teacher fails at once
+    with cache.part_lock(cache_dir, cfg.shard):
+        return _embed_part(index, cache_dir, cfg, spec, progress)
+
+
+def _embed_part(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, spec: str, progress: Progress | None) -> EmbedReport:
+    """`embed_dataset` under the part's lock: no live run of this part is left to race with."""
+    _check_provenance(cache_dir, spec)  # again: the run waited for may have written the first manifest
     part = cfg.shard
     for stale in cache_dir.glob(cache.tmp_pattern(part)):
         stale.unlink()  # a shard a killed run of this part left half-written
     templates = load_templates(cfg.prompts)
-    found, failed = cache.match_rows(index, cache_dir)
+    found, failed = cache.match_rows(index, cache_dir)  # read under the lock: what a holder wrote counts
+    cache.record_new_times(index, cache_dir, found, part, cfg.shard_size)
     pending = [int(r) for r in index.good if r not in found and r % part[1] == part[0] - 1]
     text = cache.read_text(cache_dir)
     text_todo = part[0] == 1 and (text is None or text["classes"] != index.classnames or text["templates"] != templates)
@@ -81,12 +91,15 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
         teacher = create_teacher(spec, device)
     if teacher is not None:
         provenance = _provenance(teacher, templates, cfg)
-        cache.write_manifest(cache_dir, index, provenance, complete=False, queries=cache.count_queries(cache_dir))
+        with cache.manifest_lock(cache_dir):
+            cache.write_manifest(cache_dir, index, provenance, complete=False, queries=cache.count_queries(cache_dir))
     text_queries = 0
     if text_todo:
         per_template, class_emb = build_text_embeddings(teacher, index.classnames, templates)
         cache.write_text(cache_dir, index.classnames, templates, per_template, class_emb, teacher.logit_scale)
         text_queries = len(index.classnames) * len(templates)
+    if pending:
+        progress = _with_estimate(progress, teacher.device, len(pending))
     n_failed = _embed_images(index, cache_dir, teacher, pending, cfg, progress) if pending else 0
     return _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries, failed)
 
@@ -137,12 +150,13 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: Teacher, pendin
 
 def _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries, failed) -> EmbedReport:
     """Write the manifest; it is complete once every part's images and the text are in."""
-    found_now, failed_now = cache.match_rows(index, cache_dir)
-    text = cache.read_text(cache_dir)
-    complete = all(int(r) in found_now for r in index.good) and text is not None and text["classes"] == index.classnames
-    provenance = _provenance(teacher, templates, cfg) if teacher else cache.read_manifest(cache_dir)["provenance"]
-    queries = cache.count_queries(cache_dir)
-    cache.write_manifest(cache_dir, index, provenance, complete=complete, queries=queries)
+    with cache.manifest_lock(cache_dir):  # the last of parts finishing together sees every shard
+        found_now, failed_now = cache.match_rows(index, cache_dir)
+        text = cache.read_text(cache_dir)
+        complete = all(int(r) in found_now for r in index.good) and text is not None and text["classes"] == index.classnames
+        provenance = _provenance(teacher, templates, cfg) if teacher else cache.read_manifest(cache_dir)["provenance"]
+        queries = cache.count_queries(cache_dir)
+        cache.write_manifest(cache_dir, index, provenance, complete=complete, queries=queries)
     return EmbedReport(
         cache_dir=cache_dir,
         embedded=len(pending) - n_failed,
@@ -151,4 +165,41 @@ def _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed,
         text_queries=text_queries,
         complete=complete,
         queries_total=queries,
+    )
+
+
+# A CPU embed expected to take longer than this says so, with its estimate, after the first batch.
+LONG_CPU_EMBED_S = 60.0
+
+
+def _with_estimate(progress: Progress | None, device: torch.device, total: int) -> Progress:
+    """`progress`, plus one log line after the first batch of a long CPU embed: the throughput
+    measured on that batch (worker start-up included, so rather pessimistic) and the time it implies."""
+    started, told = time.monotonic(), False
+
+    def update(done: int, n: int) -> None:
+        nonlocal told
+        if not told:
+            told = True
+            rate = done / max(time.monotonic() - started, 1e-6)
+            if device.type == "cpu" and total / rate >= LONG_CPU_EMBED_S:
+                log.warning("%s", estimate_line(total, rate, device))
+        if progress:
+            progress(done, n)
+
+    return update
+
+
+def estimate_line(total: int, rate: float, device: torch.device) -> str:
+    """'embedding 24,788 images on cpu: about 2.0 h at 3.4 img/s; ...' for `rate` images/s."""
+    seconds = total / rate
+    if seconds >= 5400:
+        took = f"{seconds / 3600:.1f} h"
+    elif seconds >= 90:
+        took = f"{seconds / 60:.0f} min"
+    else:
+        took = f"{seconds:.0f} s"
+    return (
+        f"embedding {total:,} images on {device}: about {took} at {rate:.1f} img/s (measured on the first "
+        "batch); use a GPU (--device cuda) or split the work across machines with --shard I/N"
     )
