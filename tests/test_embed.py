@@ -137,7 +137,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_teacher, c
     embed_dataset(index, tmp_path / "straight", config(tiny_teacher, shard_size=SHARD))
     assert sum(count_queries) == N_IMAGES
     resumed, straight = cache_content(killed), cache_content(tmp_path / "straight")
-    assert resumed["files"] == straight["files"] == [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
+    assert resumed["files"] == straight["files"] == ["cost.json"] + [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
     assert resumed["shards"].keys() == straight["shards"].keys()
     for name in straight["shards"]:
         assert resumed["shards"][name] == straight["shards"][name], name

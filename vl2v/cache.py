@@ -5,6 +5,7 @@ Layout of a cache folder (default `cache/<dataset>/<teacher>/`):
     text.h5                  classes, templates, per-template [C, T, D] and class [C, D] embeddings
     images-00000.h5, ...     rows: path, size, mtime_ns, ok, embedding [N, D] (fp16 by default)
     images-p2of4-00000.h5    shards written by `--shard 2/4`
+    cost.json, cost-p2of4.json   what each part paid the teacher: queries, requests, retries, bytes
 A shard is written under a temporary name and renamed when complete, so a shard that exists is
 whole. A row matches a dataset image when path, size and mtime agree; rows that match nothing
 (removed or changed files) are ignored.
@@ -13,6 +14,7 @@ whole. A row matches a dataset image when path, size and mtime agree; rows that 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -26,9 +28,13 @@ from vl2v import __version__
 from vl2v.data import DatasetIndex, scan_dataset
 from vl2v.runtime import UserError, atomic_write_json
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 TEXT = "text.h5"
 SHARD_RE = re.compile(r"^images-(?:p(\d+)of(\d+)-)?(\d{5})\.h5$")
+COST_RE = re.compile(r"^cost(?:-p\d+of\d+)?\.json$")
+COST_KEYS = ("image_queries", "text_queries", "from_record", "requests", "retries", "bytes_sent")
 FORMAT_VERSION = 1
 
 
@@ -154,7 +160,8 @@ def read_manifest(cache_dir: Path) -> dict | None:
         raise UserError(f"Corrupt cache manifest {path}: {e}. Delete it and re-run `vl2v embed`.") from None
 
 
-def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, queries: dict) -> dict:
+def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, queries: dict, **fields) -> dict:
+    """`fields`: further top-level entries (the embed job's cost ledger, images with targets)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "vl2v_version": __version__,
@@ -170,6 +177,7 @@ def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, compl
         "provenance": provenance,
         "shards": [p.name for p in list_shards(cache_dir)],
         "queries": queries,
+        **fields,
     }
     atomic_write_json(Path(cache_dir) / MANIFEST, manifest)
     return manifest
@@ -185,6 +193,30 @@ def count_queries(cache_dir: Path) -> dict:
     return {"images": images, "texts": text["text_queries"] if text else 0}
 
 
+def cost_name(part: tuple[int, int]) -> str:
+    i, n = part
+    return "cost.json" if n == 1 else f"cost-p{i}of{n}.json"
+
+
+def read_cost(cache_dir: Path, part: tuple[int, int]) -> dict:
+    """What the runs of one part paid the teacher so far (zeros before the first)."""
+    path = Path(cache_dir) / cost_name(part)
+    return add_costs(json.loads(path.read_text()) if path.exists() else {})
+
+
+def write_cost(cache_dir: Path, part: tuple[int, int], cost: dict) -> None:
+    atomic_write_json(Path(cache_dir) / cost_name(part), add_costs(cost))
+
+
+def add_costs(*costs: dict) -> dict:
+    return {k: sum(int(c.get(k, 0)) for c in costs) for k in COST_KEYS}
+
+
+def total_cost(cache_dir: Path) -> dict:
+    """The cost ledger of the cache folder: every part's cost file added up."""
+    return add_costs(*(json.loads(p.read_text()) for p in sorted(Path(cache_dir).glob("cost*.json")) if COST_RE.match(p.name)))
+
+
 @dataclass
 class Targets:
     """What training needs from the cache, in memory, indexed by dataset row."""
@@ -194,6 +226,7 @@ class Targets:
     text: torch.Tensor  # [C, D] float32 L2-normalised class embeddings
     logit_scale: float
     manifest: dict
+    unreadable: torch.Tensor | None = None  # [N] bool: failed to decode when embedded
 
     @property
     def embed_dim(self) -> int:
@@ -207,8 +240,8 @@ def _fix_command(index: DatasetIndex, cache_dir: Path, teacher: str) -> str:
 def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = None) -> Targets:
     """Load a complete cache that matches `index` (and `teacher`, if given) or refuse."""
     cache_dir = Path(cache_dir)
-    if teacher is not None:  # compare the stored form: config and weight paths made absolute
-        from vl2v.teacher import parse_teacher_spec
+    if teacher is not None:  # the stored form: config and weight paths made absolute
+        from vl2v.teacher import is_built_by, parse_teacher_spec
 
         teacher = str(parse_teacher_spec(teacher))
     manifest = read_manifest(cache_dir)
@@ -216,7 +249,7 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
         raise UserError(f"No teacher cache at {cache_dir}. Build it with: vl2v embed '{index.root}'" + (f" --teacher '{teacher}'" if teacher else ""))
     built_with = manifest["provenance"]["teacher"]
     fix = _fix_command(index, cache_dir, built_with)
-    if teacher is not None and built_with != teacher:
+    if teacher is not None and not is_built_by(manifest["provenance"], teacher):  # same model and weights
         raise UserError(f"Cache {cache_dir} was built with teacher {built_with}, not {teacher}. Run: {_fix_command(index, cache_dir, teacher)}")
     if manifest["dataset"]["classes"] != index.classes:
         theirs, ours = manifest["dataset"]["classes"], index.classes
@@ -255,14 +288,19 @@ def _gather(cache_dir: Path, index: DatasetIndex, found: dict, failed: np.ndarra
     valid = np.zeros(len(index.files), dtype=bool)
     valid[list(found)] = True
     valid &= ~failed
-    return Targets(torch.from_numpy(image), torch.from_numpy(valid), torch.from_numpy(text["class_embedding"]), text["logit_scale"], manifest)
+    text_emb = torch.from_numpy(text["class_embedding"])
+    return Targets(torch.from_numpy(image), torch.from_numpy(valid), text_emb, text["logit_scale"], manifest, torch.from_numpy(failed))
 
 
 def load_dataset_targets(dataset_root: Path, cache_dir: Path) -> tuple[DatasetIndex, Targets]:
-    """List the dataset (no decoding) and take which of its images are usable from the cache."""
+    """List the dataset (no decoding) and take which of its images are unreadable from the cache.
+    Images without a target (a `--budget subset` cache) stay usable for evaluation."""
     index = scan_dataset(dataset_root, check_images=False)
     targets = load_targets(cache_dir, index)
-    for f, ok in zip(index.files, targets.valid.tolist()):
-        if not ok and f.error is None:
+    for f, bad in zip(index.files, targets.unreadable.tolist()):
+        if bad and f.error is None:
             f.error = "unreadable (found when embedding)"
+    usable, with_targets = len(index.good), int(targets.valid.sum())
+    if with_targets < usable:
+        log.info("teacher targets for %d of %d usable images (a --budget subset cache): training draws only those", with_targets, usable)
     return index, targets

@@ -121,9 +121,11 @@ def prepare_data(ctx: Context, env: int, start: int, stop: int | None = None) ->
         size = (3, data_cfg.image_size, data_cfg.image_size)
         transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
         ctx.eval_images = EvalImages(index.root, paths, rows, transform, size, cfg.eval_batch_size, cfg.workers)
-    domain_rows = [ctx.splits[f"env{d}_in"] for d in range(len(index.domains)) if d != env]
+    in_splits = [ctx.splits[f"env{d}_in"] for d in range(len(index.domains)) if d != env]
+    valid = ctx.targets.valid.numpy()  # a --budget subset cache: batches draw only images with targets
+    domain_rows = [rows[valid[rows]] for rows in in_splits]
     if any(len(r) == 0 for r in domain_rows):
-        raise UserError("A training domain has no images in its 'in' split; lower --holdout or add images.")
+        raise UserError("A training domain has no images with teacher targets in its 'in' split; lower --holdout, add images, or embed more of them.")
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
     batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env), start, stop or cfg.steps)
     return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
