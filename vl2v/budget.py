@@ -66,6 +66,6 @@ def stratified_order(index: DatasetIndex, rows) -> list[int]:
         strata.setdefault((f.domain, f.label), []).append(int(r))
     ranked = []
     for key, members in strata.items():
-        shuffled = np.random.default_rng(list(key)).permutation(members)
+        shuffled = np.random.default_rng(list(key)).permutation(sorted(members))
         ranked += [((j + 0.5) / len(members), key, int(r)) for j, r in enumerate(shuffled)]
     return [r for *_, r in sorted(ranked)]

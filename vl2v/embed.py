@@ -21,6 +21,7 @@ from vl2v.teacher import (
     TeacherBackend,
     TeacherSpec,
     build_text_embeddings,
+    check_weights_named,
     create_teacher,
     describe_identity,
     is_built_by,
@@ -107,11 +108,11 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
     allows), and the class prompts; resumable. The plan is logged before anything is paid."""
     spec = parse_teacher_spec(cfg.teacher)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         # a server is asked who it is now; a local teacher is built only if there is work for it
         teacher = stack.enter_context(RemoteTeacher(str(spec), cfg.token, cfg.timeout, cfg.retries, cfg.in_flight)) if spec.remote else None
         _check_provenance(cache_dir, spec, teacher)
+        check_weights_named(spec)  # before the plan is shown
         part = cfg.shard
         for stale in cache_dir.glob(cache.tmp_pattern(part)):
             stale.unlink()  # a shard a killed run of this part left half-written
@@ -127,6 +128,7 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
         if teacher is None and (pending or text_todo or cache.read_manifest(cache_dir) is None):
             teacher = create_teacher(spec, resolve_device(cfg.device))
         if teacher is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
             _write_manifest(cache_dir, index, _provenance(teacher, templates, cfg), False, cfg.budget == "subset", found, failed)
         text_queries, n_failed = _pay(index, cache_dir, teacher, templates, pending, text_todo, cfg, progress)
         report = _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vl2v.runtime import UserError
+from vl2v.teacher import describe_identity
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,7 +51,8 @@ class Ledger:
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(identity, sort_keys=True),))
         elif json.loads(row[0]) != identity:
-            raise UserError(f"Ledger {self.path} records the answers of another teacher ({json.loads(row[0])['model']}); pass another --ledger for {identity['model']}.")
+            theirs, ours = describe_identity(json.loads(row[0])), describe_identity(identity)
+            raise UserError(f"Ledger {self.path} records the answers of teacher {theirs}, not {ours}: pass another --ledger.")
 
     def usage(self, account: str) -> dict[str, int]:
         with self.lock:

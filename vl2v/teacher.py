@@ -213,29 +213,37 @@ def _check_model(model: str) -> None:
         )
 
 
-def resolve_weights(spec: TeacherSpec) -> Path | None:
-    """The weights file a local spec loads (fetched into the hub cache if need be); None for
-    `:random`. A spec naming no weights is an error: random weights are asked for by name."""
-    if spec.pretrained == RANDOM:
-        return None
+def check_weights_named(spec: TeacherSpec) -> None:
+    """Refuse a local spec that names no weights (random weights are asked for by name, `:random`)
+    or names an unknown model or tag; needs no download."""
+    if spec.remote or spec.pretrained == RANDOM or spec.model.startswith("hf-hub:"):
+        return
     if spec.config is not None:
         if not spec.pretrained:
             raise UserError(f"--teacher {spec} names no weights: pass {spec}:WEIGHTS.pt, or {spec}:{RANDOM} for random weights.")
-        return Path(spec.pretrained)
-    guard = download_guard(f"teacher weights for {spec}", "Place the weights file on disk and pass --teacher MODEL:/path/to/weights.pt.")
-    if spec.model.startswith("hf-hub:"):
-        with guard:
-            return Path(download_pretrained_from_hf(spec.model.removeprefix("hf-hub:")))
+        return
     _check_model(spec.model)
     tags = open_clip.list_pretrained_tags_by_model(spec.model)
     if not spec.pretrained:
         known = f"one of its pretrained tags ({', '.join(tags)}), e.g. --teacher {spec.model}:{tags[0]}, " if tags else "MODEL:/path/to/weights.pt, "
         raise UserError(f"--teacher {spec.model} names no weights: pass {known}or {spec.model}:{RANDOM} for random weights.")
-    if Path(spec.pretrained).is_file():
-        return Path(spec.pretrained).resolve()
-    if spec.pretrained not in tags:
+    if not Path(spec.pretrained).is_file() and spec.pretrained not in tags:
         raise UserError(f"Unknown weights '{spec.pretrained}' for {spec.model}.{suggest(spec.pretrained, tags)} Tags: {', '.join(tags)}.")
-    with guard:
+
+
+def resolve_weights(spec: TeacherSpec) -> Path | None:
+    """The weights file a local spec loads (fetched into the hub cache if need be); None for
+    `:random`."""
+    check_weights_named(spec)
+    if spec.pretrained == RANDOM:
+        return None
+    if spec.config is not None:
+        return Path(spec.pretrained)
+    with download_guard(f"teacher weights for {spec}", "Place the weights file on disk and pass --teacher MODEL:/path/to/weights.pt."):
+        if spec.model.startswith("hf-hub:"):
+            return Path(download_pretrained_from_hf(spec.model.removeprefix("hf-hub:")))
+        if Path(spec.pretrained).is_file():
+            return Path(spec.pretrained).resolve()
         return Path(open_clip.download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained)))
 
 
@@ -270,13 +278,17 @@ def teacher_identity(spec: str | TeacherSpec, token: str | None = None) -> dict:
 
 def is_built_by(provenance: dict, spec: str | TeacherSpec, token: str | None = None) -> bool:
     """Whether a cache's provenance comes from the teacher `spec`: same identity (caches from before
-    identities existed: same spec). Another model name is told apart without fetching weights."""
+    identities existed: same spec). Another model, or the same pretrained tag, is told without
+    fetching weights."""
     spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     stored = provenance.get("identity")
     if stored is None:
         return provenance["teacher"] == str(spec)
     if not spec.remote and stored.get("model") != spec.model:
         return False
+    published = spec.config is None and not spec.remote and not (spec.pretrained and Path(spec.pretrained).is_file())
+    if published and provenance["teacher"] == str(spec):
+        return True  # a pretrained tag or hub repo names one published file: no need to fetch it
     return stored == teacher_identity(spec, token)
 
 
