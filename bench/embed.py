@@ -87,7 +87,7 @@ def make_images(root: Path, n: int, px: int, seed: int = 0) -> Path:
 
 
 def write_teacher_config(folder: Path, name: str, config: dict) -> Path:
-    """An open_clip model config as `--teacher <name>.json`: random weights, nothing downloaded."""
+    """An open_clip model config for `--teacher <name>.json:random`: random weights, nothing downloaded."""
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
