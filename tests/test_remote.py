@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 from typer.testing import CliRunner
 
 import vl2v.remote
@@ -210,6 +209,17 @@ def test_wrong_token_and_unreachable_port(server, tmp_path, args, message):
     assert not (tmp_path / "cache").exists()  # nothing written
 
 
+def test_missing_extras_name_the_extra(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "toy", per_class=1)
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    result = CliRunner().invoke(app, ["embed", str(root), "--teacher", "http://127.0.0.1:9", "--workers", "0"])
+    assert (result.exit_code, result.stderr.strip().splitlines()[-1]) == (2, "error: --teacher http(s)://... needs httpx: pip install 'vl2v[remote]'.")
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    monkeypatch.delitem(sys.modules, "vl2v.serve")
+    result = CliRunner().invoke(app, ["serve-teacher", "ViT-B-32:random"])
+    assert (result.exit_code, result.stderr.strip()) == (2, "error: vl2v serve-teacher needs FastAPI and uvicorn: pip install 'vl2v[serve]'.")
+
+
 # --- faults ---------------------------------------------------------------------------------------
 
 
@@ -326,13 +336,13 @@ def item(data: bytes) -> dict:
 def test_server_answers_from_its_record_within_the_quota(tiny_teacher, tmp_path):
     teacher = create_teacher(tiny_teacher, torch.device("cpu"))
     ledger = Ledger(tmp_path / "ledger.sqlite", teacher.identity())
-    service = TeacherService(teacher, ledger, ServeConfig(tiny_teacher, quota=5, workers=1))
+    service = TeacherService(teacher, ledger, ServeConfig(tiny_teacher, quota=6, workers=1))
     auth = {"Authorization": "Bearer t"}
     with TestClient(create_app(service, ("t",))) as client:
         assert client.get(protocol.INFO).status_code == 401
         assert client.get(protocol.INFO, headers={"Authorization": "Bearer x"}).json() == {"detail": "wrong token"}
         info = client.get(protocol.INFO, headers=auth).json()
-        assert info["identity"] == teacher.identity() and info["usage"] == {"images": 0, "texts": 0, "quota": 5}
+        assert info["identity"] == teacher.identity() and info["usage"] == {"images": 0, "texts": 0, "quota": 6}
 
         image = png_bytes(tmp_path, 1)
         answer = client.post(protocol.IMAGES, json={"items": [item(image), item(b"not an image")]}, headers=auth).json()
@@ -343,21 +353,24 @@ def test_server_answers_from_its_record_within_the_quota(tiny_teacher, tmp_path)
         again = client.post(protocol.IMAGES, json={"items": [item(image)]}, headers=auth).json()
         assert (again["charged"], again["from_record"], again["embeddings"]) == (0, 1, protocol.encode_array(emb[:1]))
 
+        twice = client.post(protocol.IMAGES, json={"items": [item(png_bytes(tmp_path, 2))] * 2}, headers=auth).json()
+        assert (twice["ok"], twice["charged"]) == ([True, True], 1)  # one content, one charge
+
         bad = {**item(image), "key": protocol.item_key("image", b"other")}
         response = client.post(protocol.IMAGES, json={"items": [bad]}, headers=auth)
         assert (response.status_code, response.json()["detail"]) == (400, "item 0: key is not the sha256 of its content (vl2v.protocol.item_key)")
 
         texts = [{"key": protocol.item_key("text", t.encode()), "text": t} for t in ("a", "b", "c", "d", "e")]
-        assert client.post(protocol.TEXTS, json={"items": texts[:4]}, headers=auth).json()["usage"] == {"images": 1, "texts": 4, "quota": 5}
+        assert client.post(protocol.TEXTS, json={"items": texts[:4]}, headers=auth).json()["usage"] == {"images": 2, "texts": 4, "quota": 6}
         spent = client.post(protocol.TEXTS, json={"items": texts[3:]}, headers=auth)
         assert spent.status_code == 429 and "retry-after" not in spent.headers
-        assert spent.json()["detail"] == "quota spent: 5 of 5 queries used, this request needs 1 more"
+        assert spent.json()["detail"] == "quota spent: 6 of 6 queries used, this request needs 1 more"
         assert client.post(protocol.TEXTS, json={"items": texts[:1]}, headers=auth).json()["charged"] == 0  # paid before: still answered
     ledger.close()
 
     # a restart remembers everything; a ledger of another teacher is refused
     reopened = Ledger(tmp_path / "ledger.sqlite", teacher.identity())
-    assert reopened.usage(account_id("t")) == {"images": 1, "texts": 4}
+    assert reopened.usage(account_id("t")) == {"images": 2, "texts": 4}
     reopened.close()
     with pytest.raises(UserError) as e:
         Ledger(tmp_path / "ledger.sqlite", {"model": "tiny-clip", "weights": "random"})

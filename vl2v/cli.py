@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vl2v.config import TrainConfig
@@ -43,7 +44,7 @@ def command(fn=None, *, name: str | None = None):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return app.command(name)(wrapper)
@@ -220,7 +221,12 @@ def serve_teacher(
     workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
 ) -> None:
     """Serve a teacher to paying clients: embeddings over HTTP, bearer tokens, quotas, a ledger that never charges twice."""
-    from vl2v.serve import ServeConfig, serve_teacher as serve
+    try:
+        from vl2v.serve import ServeConfig, serve_teacher as serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn"):
+            raise
+        raise UserError("vl2v serve-teacher needs FastAPI and uvicorn: pip install 'vl2v[serve]'.") from None
 
     serve(ServeConfig(teacher, host, port, tuple(token or ()), quota, ledger, device, precision, batch_size, workers))
 

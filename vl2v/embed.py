@@ -129,7 +129,7 @@ def embed_dataset(index: DatasetIndex, cache_dir: Path, cfg: EmbedConfig, progre
             teacher = create_teacher(spec, resolve_device(cfg.device))
         if teacher is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            _write_manifest(cache_dir, index, _provenance(teacher, templates, cfg), False, cfg.budget == "subset", found, failed)
+            _write_manifest(cache_dir, index, _provenance(teacher, templates, cfg), False, found, failed)
         text_queries, n_failed = _pay(index, cache_dir, teacher, templates, pending, text_todo, cfg, progress)
         report = _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed, text_queries)
     return replace(report, plan={**asdict(plan), "queries": plan.queries}, cost=teacher.cost() if teacher else {})
@@ -182,6 +182,11 @@ class _OpenShard:
     answered: np.ndarray
     batches_left: int
 
+    @classmethod
+    def empty(cls, rows: np.ndarray, dim: int, dtype, batch_size: int) -> _OpenShard:
+        n = len(rows)
+        return cls(rows, np.zeros((n, dim), dtype=dtype), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), -(-n // batch_size))
+
 
 def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend, pending: list[int], cfg: EmbedConfig, progress: Progress | None, on_shard) -> int:
     """Embed `pending` rows in shards of whole batches: batches never straddle shards, so a resumed
@@ -193,11 +198,12 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend,
     shards = [np.array(pending[s : s + size]) for s in range(0, len(pending), size)]
     batches = [(i, s) for i, rows in enumerate(shards) for s in range(0, len(rows), cfg.batch_size)]
     paths = [[index.files[r].path for r in shards[i][s : s + cfg.batch_size]] for i, s in batches]
-    next_k = [cache.next_shard_number(cache_dir, cfg.shard)]
+    k = cache.next_shard_number(cache_dir, cfg.shard)
 
     def write(shard: _OpenShard, keep: np.ndarray) -> int:
-        cache.write_shard(cache_dir / cache.shard_name(next_k[0], cfg.shard), index, shard.rows[keep], shard.emb[keep], shard.ok[keep])
-        next_k[0] += 1
+        nonlocal k
+        cache.write_shard(cache_dir / cache.shard_name(k, cfg.shard), index, shard.rows[keep], shard.emb[keep], shard.ok[keep])
+        k += 1
         on_shard()
         return int((~shard.ok[keep]).sum())
 
@@ -207,10 +213,10 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend,
         for b, emb, ok in teacher.encode_image_files(index.root, paths, cfg.workers, cfg.precision):
             i, s = batches[b]
             if i not in open_shards:
-                n = len(shards[i])
-                open_shards[i] = _OpenShard(shards[i], np.zeros((n, teacher.embed_dim), dtype=store), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), -(-n // cfg.batch_size))
+                open_shards[i] = _OpenShard.empty(shards[i], teacher.embed_dim, store, cfg.batch_size)
             shard = open_shards[i]
-            shard.emb[s : s + len(ok)], shard.ok[s : s + len(ok)], shard.answered[s : s + len(ok)] = emb.astype(store), ok, True
+            part = slice(s, s + len(ok))
+            shard.emb[part], shard.ok[part], shard.answered[part] = emb.astype(store), ok, True
             shard.batches_left -= 1
             if shard.batches_left == 0:
                 n_failed += write(open_shards.pop(i), np.ones(len(shard.rows), dtype=bool))
@@ -225,12 +231,14 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend,
     return n_failed
 
 
-def _write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, subset: bool, found: dict, failed: np.ndarray) -> None:
-    """The manifest with the cost ledger and how many usable images have a target."""
+def _write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, found: dict, failed: np.ndarray) -> None:
+    """The manifest with the cost ledger, how many usable images have a target, and whether a
+    complete cache holds only a subset (`--budget subset`)."""
     with_targets = sum(int(r) in found and not failed[r] for r in index.good)
+    missing = sum(int(r) not in found for r in index.good)
     cache.write_manifest(
         cache_dir, index, provenance, complete=complete, queries=cache.count_queries(cache_dir),
-        cost=cache.total_cost(cache_dir), images_with_targets=with_targets, subset=subset and with_targets < len(index.good),
+        cost=cache.total_cost(cache_dir), images_with_targets=with_targets, subset=complete and missing > 0,
     )
 
 
@@ -242,7 +250,7 @@ def _finish(index, cache_dir, cfg, teacher, templates, found, pending, n_failed,
     images_in = cfg.budget == "subset" or all(int(r) in found_now for r in index.good)
     complete = images_in and text is not None and text["classes"] == index.classnames
     provenance = _provenance(teacher, templates, cfg) if teacher else cache.read_manifest(cache_dir)["provenance"]
-    _write_manifest(cache_dir, index, provenance, complete, cfg.budget == "subset", found_now, failed_now)
+    _write_manifest(cache_dir, index, provenance, complete, found_now, failed_now)
     manifest = cache.read_manifest(cache_dir)
     return EmbedReport(
         cache_dir=cache_dir,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -270,8 +271,6 @@ def create_app(service: TeacherService, tokens: tuple[str, ...], max_request_mb:
 
 def serve_teacher(cfg: ServeConfig) -> None:
     """Build the teacher (GPU when present) and its ledger, then serve until interrupted."""
-    import uvicorn
-
     teacher = create_teacher(cfg.teacher, resolve_device(cfg.device))
     ledger = Ledger(cfg.ledger, teacher.identity())
     tokens = cfg.all_tokens()

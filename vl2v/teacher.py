@@ -87,8 +87,10 @@ class TeacherSpec:
 
 
 def parse_teacher_spec(spec: str) -> TeacherSpec:
-    if spec.startswith("hf-hub:") or URL_RE.match(spec):
-        return TeacherSpec(model=spec.rstrip("/") if URL_RE.match(spec) else spec)
+    if URL_RE.match(spec):
+        return TeacherSpec(model=spec.rstrip("/"))
+    if spec.startswith("hf-hub:"):
+        return TeacherSpec(model=spec)
     head, sep, weights = spec.partition(".json")
     if sep:
         config = Path(head + sep).expanduser().resolve()
@@ -231,6 +233,10 @@ def check_weights_named(spec: TeacherSpec) -> None:
         raise UserError(f"Unknown weights '{spec.pretrained}' for {spec.model}.{suggest(spec.pretrained, tags)} Tags: {', '.join(tags)}.")
 
 
+def _download_guard(spec: TeacherSpec):
+    return download_guard(f"teacher weights for {spec}", "Place the weights file on disk and pass --teacher MODEL:/path/to/weights.pt.")
+
+
 def resolve_weights(spec: TeacherSpec) -> Path | None:
     """The weights file a local spec loads (fetched into the hub cache if need be); None for
     `:random`."""
@@ -239,7 +245,7 @@ def resolve_weights(spec: TeacherSpec) -> Path | None:
         return None
     if spec.config is not None:
         return Path(spec.pretrained)
-    with download_guard(f"teacher weights for {spec}", "Place the weights file on disk and pass --teacher MODEL:/path/to/weights.pt."):
+    with _download_guard(spec):
         if spec.model.startswith("hf-hub:"):
             return Path(download_pretrained_from_hf(spec.model.removeprefix("hf-hub:")))
         if Path(spec.pretrained).is_file():
@@ -306,7 +312,7 @@ def create_teacher(spec: str | TeacherSpec, device: torch.device, precision: str
         open_clip.add_model_config(spec.config)
     weights = resolve_weights(spec)
     pretrained = None if spec.config or weights is None else spec.pretrained  # a tag also sets preprocessing
-    with download_guard(f"teacher weights for {spec}", "Place the weights file on disk and pass --teacher MODEL:/path/to/weights.pt."):
+    with _download_guard(spec):
         model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained, precision=precision, device=device)
     if spec.config and weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
