@@ -212,7 +212,7 @@ def serve_teacher(
     teacher: Annotated[str, typer.Argument(help="The open_clip teacher to serve (see `vl2v embed --teacher`).")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    token: Annotated[Optional[list[str]], typer.Option(help="A client's bearer token (repeatable; each has its own ledger account and quota). \\[default: $VL2V_TEACHER_TOKEN, else an open server]", show_default=False)] = None,
+    token: Annotated[Optional[list[str]], typer.Option(help="A client's bearer token (repeatable; each has its own ledger account and quota); $VL2V_TEACHER_TOKEN adds one. \\[default: none: an open server]", show_default=False)] = None,
     quota: Annotated[Optional[int], typer.Option(help="Queries (images + prompts) each token may be charged; past it, 429. \\[default: no limit]", show_default=False)] = None,
     ledger: Annotated[Path, typer.Option(help="SQLite file of charged queries and recorded answers (survives restarts).")] = Path("teacher-ledger.sqlite"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
