@@ -87,7 +87,7 @@ def make_images(root: Path, n: int, px: int, seed: int = 0) -> Path:
 
 
 def write_teacher_config(folder: Path, name: str, config: dict) -> Path:
-    """An open_clip model config as `--teacher <name>.json`: random weights, nothing downloaded."""
+    """An open_clip model config for `--teacher <name>.json:random`: random weights, nothing downloaded."""
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
@@ -139,7 +139,7 @@ def embed_job(
     """images/s of `embed_dataset`: steady (after the first batch, from its progress callback)
     and end to end (the whole call)."""
     index = scan_dataset(root)  # as `vl2v embed` does before embedding; not timed
-    cfg = EmbedConfig(teacher=str(teacher), batch_size=batch_size, workers=workers, device="cpu")
+    cfg = EmbedConfig(teacher=f"{teacher}:random", batch_size=batch_size, workers=workers, device="cpu")
     ticks: list[tuple[float, float, int]] = []  # wall, CPU (this process), images done
     load = [os.getloadavg()[0]]
     forward: list[float] = []  # seconds in Teacher.encode_images, per batch
@@ -273,7 +273,7 @@ def memory_child(
         tracemalloc.start()
     with Phase(trace) as scan:
         index = scan_dataset(root)
-    cfg = EmbedConfig(teacher=teacher, batch_size=batch_size, workers=workers, device="cpu")
+    cfg = EmbedConfig(teacher=f"{teacher}:random", batch_size=batch_size, workers=workers, device="cpu")
     with Phase(trace) as embed:
         report = embed_dataset(index, Path(cache_dir), cfg)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

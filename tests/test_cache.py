@@ -118,6 +118,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     assert manifest["complete"] is True
     assert manifest["provenance"] == {
         "teacher": tiny_teacher,
+        "identity": teacher.identity(),
         "open_clip_version": open_clip.__version__,
         "embed_dim": 16,
         "logit_scale": teacher.logit_scale,
@@ -138,6 +139,8 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     }
     assert manifest["shards"] == sorted(p.name for p in out.glob("images-*.h5")) == ["images-00000.h5"]
     assert manifest["queries"] == {"images": 36, "texts": 12}
+    assert manifest["cost"] == {"image_queries": 36, "text_queries": 12, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": 0}
+    assert manifest["images_with_targets"] == 36 and manifest["subset"] is False
     # the locks stay (removing a lock file races with its next taker); no temporary file or holder note
     assert sorted(p.name for p in out.glob(".*")) == [".embed-all.lock", ".manifest.lock"]
 

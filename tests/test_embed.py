@@ -141,7 +141,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_teacher, c
     resumed, straight = cache_content(killed), cache_content(tmp_path / "straight")
     # the killed run's holder note went with the resumed run: only the lock files stay
     locks = [".embed-all.lock", ".manifest.lock"]
-    assert resumed["files"] == straight["files"] == locks + [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
+    assert resumed["files"] == straight["files"] == locks + ["cost.json"] + [f"images-{k:05d}.h5" for k in range(13)] + ["manifest.json", "text.h5"]
     assert resumed["shards"].keys() == straight["shards"].keys()
     for name in straight["shards"]:
         assert resumed["shards"][name] == straight["shards"][name], name

@@ -1,6 +1,9 @@
 """The CLIP teacher: --teacher specs, model creation and its errors, prompt templates, text embeddings."""
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -15,8 +18,10 @@ from vl2v.teacher import (
     TeacherSpec,
     build_text_embeddings,
     create_teacher,
+    is_built_by,
     load_templates,
     parse_teacher_spec,
+    teacher_identity,
 )
 
 CPU = torch.device("cpu")
@@ -31,6 +36,15 @@ def test_model_pretrained_spec():
     assert str(spec) == "ViT-B-32:laion2b_s34b_b79k"
     assert spec.slug == "ViT-B-32-laion2b_s34b_b79k"
     assert parse_teacher_spec("ViT-B-32") == TeacherSpec("ViT-B-32", None, None)
+    assert parse_teacher_spec("ViT-B-32:random") == TeacherSpec("ViT-B-32", "random", None)
+
+
+def test_url_spec_is_a_teacher_server():
+    spec = parse_teacher_spec("http://127.0.0.1:8000/")
+    assert spec.remote and not parse_teacher_spec("ViT-B-32:openai").remote
+    assert str(spec) == "http://127.0.0.1:8000"
+    assert spec.slug == "remote-127.0.0.1_8000"
+    assert parse_teacher_spec("https://teacher.example.com").slug == "remote-teacher.example.com"
     assert str(parse_teacher_spec(DEFAULT_TEACHER)) == DEFAULT_TEACHER == "ViT-B-16-quickgelu:openai"
 
 
@@ -114,8 +128,10 @@ def test_config_teacher_loads_its_weights(tiny_teacher):
     assert teacher.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's init: log(1/0.07)
     assert teacher.random_init is False
     prov = teacher.provenance()
+    weights = Path(tiny_teacher.split(".json:")[1])
     assert prov == {
         "teacher": tiny_teacher,
+        "identity": {"model": "tiny-clip", "weights": "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()},
         "open_clip_version": open_clip.__version__,
         "embed_dim": 16,
         "logit_scale": teacher.logit_scale,
@@ -125,12 +141,48 @@ def test_config_teacher_loads_its_weights(tiny_teacher):
     assert "Resize" in prov["preprocess"] and "Normalize" in prov["preprocess"]
 
 
-def test_config_without_weights_is_random_init(tiny_teacher):
+def test_random_weights_only_when_asked(tiny_teacher):
     config = tiny_teacher.split(":")[0]
-    teacher = create_teacher(config, CPU)
+    teacher = create_teacher(f"{config}:random", CPU)
     assert teacher.random_init is True
     assert teacher.provenance()["random_init"] is True
-    assert teacher.provenance()["teacher"] == config
+    assert teacher.provenance()["teacher"] == f"{config}:random"
+    assert teacher.identity() == {"model": "tiny-clip", "weights": "random"}
+    assert create_teacher("ViT-B-32:random", CPU).random_init  # a built-in model too, nothing downloaded
+    with pytest.raises(UserError) as e:
+        create_teacher(config, CPU)
+    assert str(e.value) == f"--teacher {config} names no weights: pass {config}:WEIGHTS.pt, or {config}:random for random weights."
+
+
+def test_a_teacher_without_a_tag_lists_its_tags():
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-16")
+    with pytest.raises(UserError) as e:
+        create_teacher("ViT-B-16", CPU)
+    assert str(e.value) == (
+        f"--teacher ViT-B-16 names no weights: pass one of its pretrained tags ({', '.join(tags)}), "
+        "e.g. --teacher ViT-B-16:openai, or ViT-B-16:random for random weights."
+    )
+
+
+# --- identity -------------------------------------------------------------------------------------
+
+
+def test_identity_is_the_weights_content_not_their_path(tiny_teacher, tmp_path):
+    config, weights = tiny_teacher.split(".json:")
+    moved = tmp_path / "elsewhere" / "renamed.pt"
+    moved.parent.mkdir()
+    shutil.copy(weights, moved)
+    identity = teacher_identity(tiny_teacher)
+    assert identity == create_teacher(tiny_teacher, CPU).identity()
+    assert teacher_identity(f"{config}.json:{moved}") == identity
+    assert teacher_identity(f"{config}.json:random") == {"model": "tiny-clip", "weights": "random"}
+    built = {"teacher": tiny_teacher, "identity": identity}
+    assert is_built_by(built, f"{config}.json:{moved}")
+    assert not is_built_by(built, f"{config}.json:random")
+    assert not is_built_by(built, "ViT-B-32:laion2b_s34b_b79k")  # another model: told apart without its weights
+    assert is_built_by({"teacher": tiny_teacher}, tiny_teacher)  # a cache from before identities: its spec
+    torch.save({"x": torch.ones(1)}, moved)
+    assert not is_built_by(built, f"{config}.json:{moved}")  # other bytes: another teacher
 
 
 def test_encode_images_and_texts_are_unit_norm(tiny_teacher):

@@ -6,6 +6,7 @@ Layout of a cache folder (default `cache/<dataset>/<teacher>/`):
     images-00000.h5, ...     rows: path, size, mtime_ns, sha256, ok, embedding [N, D] (fp16 by default)
     images-p2of4-00000.h5    shards written by `--shard 2/4`
     .embed-*.lock, .manifest.lock   file locks (see `part_lock`, `manifest_lock`)
+    cost.json, cost-p2of4.json   what each part paid the teacher: queries, requests, retries, bytes
 A shard is written under a temporary name and renamed when complete, so a shard that exists is
 whole. A row matches a dataset image of the same relative path when their contents' sha256 agree
 (or, cheaply, when size and mtime agree: see `match_rows`); rows that match nothing (removed or
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TEXT = "text.h5"
 SHARD_RE = re.compile(r"^images-(?:p(\d+)of(\d+)-)?(\d{5})\.h5$")
+COST_RE = re.compile(r"^cost(?:-p\d+of\d+)?\.json$")
+COST_KEYS = ("image_queries", "text_queries", "from_record", "requests", "retries", "bytes_sent")
 # 2: shards store each image's sha256 and the dataset fingerprint leaves out mtimes. Version-1
 # caches still load: their rows match by size and mtime, their fingerprint is checked as written.
 FORMAT_VERSION = 2
@@ -310,7 +313,8 @@ def read_manifest(cache_dir: Path) -> dict | None:
         raise UserError(f"Corrupt cache manifest {path}: {e}. Delete it and re-run `vl2v embed`.") from None
 
 
-def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, queries: dict) -> dict:
+def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, queries: dict, **fields) -> dict:
+    """`fields`: further top-level entries (the embed job's cost ledger, images with targets)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "vl2v_version": __version__,
@@ -328,6 +332,7 @@ def write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, compl
         "provenance": provenance,
         "shards": [p.name for p in list_shards(cache_dir)],
         "queries": queries,
+        **fields,
     }
     atomic_write_json(Path(cache_dir) / MANIFEST, manifest)
     return manifest
@@ -343,6 +348,30 @@ def count_queries(cache_dir: Path) -> dict:
     return {"images": images, "texts": text["text_queries"] if text else 0}
 
 
+def cost_name(part: tuple[int, int]) -> str:
+    i, n = part
+    return "cost.json" if n == 1 else f"cost-p{i}of{n}.json"
+
+
+def read_cost(cache_dir: Path, part: tuple[int, int]) -> dict:
+    """What the runs of one part paid the teacher so far (zeros before the first)."""
+    path = Path(cache_dir) / cost_name(part)
+    return add_costs(json.loads(path.read_text()) if path.exists() else {})
+
+
+def write_cost(cache_dir: Path, part: tuple[int, int], cost: dict) -> None:
+    atomic_write_json(Path(cache_dir) / cost_name(part), add_costs(cost))
+
+
+def add_costs(*costs: dict) -> dict:
+    return {k: sum(int(c.get(k, 0)) for c in costs) for k in COST_KEYS}
+
+
+def total_cost(cache_dir: Path) -> dict:
+    """The cost ledger of the cache folder: every part's cost file added up."""
+    return add_costs(*(json.loads(p.read_text()) for p in sorted(Path(cache_dir).glob("cost*.json")) if COST_RE.match(p.name)))
+
+
 @dataclass
 class Targets:
     """What training needs from the cache, in memory, indexed by dataset row."""
@@ -352,6 +381,7 @@ class Targets:
     text: torch.Tensor  # [C, D] float32 L2-normalised class embeddings
     logit_scale: float
     manifest: dict
+    unreadable: torch.Tensor | None = None  # [N] bool: failed to decode when embedded
 
     @property
     def embed_dim(self) -> int:
@@ -365,8 +395,8 @@ def _fix_command(index: DatasetIndex, cache_dir: Path, teacher: str) -> str:
 def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = None) -> Targets:
     """Load a complete cache that matches `index` (and `teacher`, if given) or refuse."""
     cache_dir = Path(cache_dir)
-    if teacher is not None:  # compare the stored form: config and weight paths made absolute
-        from vl2v.teacher import parse_teacher_spec
+    if teacher is not None:  # the stored form: config and weight paths made absolute
+        from vl2v.teacher import is_built_by, parse_teacher_spec
 
         teacher = str(parse_teacher_spec(teacher))
     manifest = read_manifest(cache_dir)
@@ -374,7 +404,7 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
         raise UserError(f"No teacher cache at {cache_dir}. Build it with: vl2v embed '{index.root}'" + (f" --teacher '{teacher}'" if teacher else ""))
     built_with = manifest["provenance"]["teacher"]
     fix = _fix_command(index, cache_dir, built_with)
-    if teacher is not None and built_with != teacher:
+    if teacher is not None and not is_built_by(manifest["provenance"], teacher):  # same model and weights
         raise UserError(f"Cache {cache_dir} was built with teacher {built_with}, not {teacher}. Run: {_fix_command(index, cache_dir, teacher)}")
     if manifest["dataset"]["classes"] != index.classes:
         theirs, ours = manifest["dataset"]["classes"], index.classes
@@ -387,7 +417,8 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
         raise UserError(f"Cache {cache_dir} is incomplete (an embed run was interrupted or shard parts are missing). Finish it with: {fix}")
     found, failed = match_rows(index, cache_dir)
     unchanged = manifest["dataset"]["fingerprint"] == _fingerprint(index, manifest.get("format_version", 1))
-    missing = _missing(index, found, manifest["dataset"], unchanged)
+    # A --budget subset cache lacks rows by design; its fingerprint still vouches for the dataset.
+    missing = [] if manifest.get("subset") and unchanged else _missing(index, found, manifest["dataset"], unchanged)
     if missing or not unchanged:
         cached = {p for shard in list_shards(cache_dir) for p, _ in read_shard_rows(shard)}
         changed = sum(p in cached for p in missing)  # a changed file's old row is not a removal
@@ -438,14 +469,25 @@ def _gather(cache_dir: Path, index: DatasetIndex, found: dict[int, CachedRow], f
     valid = np.zeros(len(index.files), dtype=bool)
     valid[list(found)] = True
     valid &= ~failed
-    return Targets(torch.from_numpy(image), torch.from_numpy(valid), torch.from_numpy(text["class_embedding"]), text["logit_scale"], manifest)
+    # unreadable: failed to decode when embedded, or found unreadable by the embed run's scan (no row)
+    known = manifest["dataset"].get("unreadable", {})
+    unreadable = failed.copy()
+    for i, f in enumerate(index.files):
+        if i not in found and f.path in known and _same_file(f, known[f.path]):
+            unreadable[i] = True
+    text_emb = torch.from_numpy(text["class_embedding"])
+    return Targets(torch.from_numpy(image), torch.from_numpy(valid), text_emb, text["logit_scale"], manifest, torch.from_numpy(unreadable))
 
 
 def load_dataset_targets(dataset_root: Path, cache_dir: Path) -> tuple[DatasetIndex, Targets]:
-    """List the dataset (no decoding) and take which of its images are usable from the cache."""
+    """List the dataset (no decoding) and take which of its images are unreadable from the cache.
+    Images without a target (a `--budget subset` cache) stay usable for evaluation."""
     index = scan_dataset(dataset_root, check_images=False)
     targets = load_targets(cache_dir, index)
-    for f, ok in zip(index.files, targets.valid.tolist()):
-        if not ok and f.error is None:
+    for f, bad in zip(index.files, targets.unreadable.tolist()):
+        if bad and f.error is None:
             f.error = "unreadable (found when embedding)"
+    usable, with_targets = len(index.good), int(targets.valid.sum())
+    if with_targets < usable:
+        log.info("teacher targets for %d of %d usable images (a --budget subset cache): training draws only those", with_targets, usable)
     return index, targets

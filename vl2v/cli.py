@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vl2v.config import DEFAULT_TEACHER, INHERITED, TrainConfig
@@ -45,7 +46,7 @@ def command(fn=None, *, name: str | None = None):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return app.command(name)(wrapper)
@@ -159,19 +160,29 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+TeacherHelp = "open_clip MODEL:PRETRAINED, MODEL:random, hf-hub:ORG/REPO, CONFIG.json[:WEIGHTS.pt|:random], or http(s)://HOST:PORT of a `vl2v serve-teacher` server."
+TokenHelp = "Bearer token of the teacher server. \\[default: $VL2V_TEACHER_TOKEN, else none]"
+
+
 @command
 def embed(
     root: DatasetArg,
-    teacher: Annotated[str, typer.Option(help="open_clip MODEL:PRETRAINED, hf-hub:ORG/REPO, or CONFIG.json[:WEIGHTS.pt].")] = DEFAULT_TEACHER,
+    teacher: Annotated[str, typer.Option(help=TeacherHelp)] = DEFAULT_TEACHER,
     prompts: Annotated[str, typer.Option(help="Prompt style (photo, name, domains, imagenet80) or a file of templates with '{}'.")] = "photo",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder. Default: $VL2V_CACHE or ./cache, then <dataset>/<teacher>.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per teacher forward pass.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per teacher forward pass (a teacher server: per request).")] = 128,
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = min(4, os.cpu_count() or 1),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or fp16 / bf16 autocast on CUDA.")] = "fp32",
     store_dtype: Annotated[str, typer.Option(help="Storage of image embeddings: fp16 or fp32.")] = "fp16",
     shard: Annotated[Optional[str], typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines. \\[default: all; under torchrun, one part per process]", show_default=False)] = None,
-    shard_size: Annotated[int, typer.Option(help="Images per HDF5 shard.")] = 8192,
+    shard_size: Annotated[Optional[int], typer.Option(help="Images per HDF5 shard. \\[default: 8192; a teacher server: --batch-size, each answer written as it arrives]", show_default=False)] = None,
+    max_queries: Annotated[Optional[int], typer.Option(help="The most teacher queries (images + prompts) this run may pay for; the plan is checked before paying. \\[default: no limit]", show_default=False)] = None,
+    budget: Annotated[str, typer.Option(help="Over --max-queries: refuse, or subset (embed a subset stratified by domain × class that fits).")] = "refuse",
+    token: Annotated[Optional[str], typer.Option(help=TokenHelp, show_default=False)] = None,
+    in_flight: Annotated[int, typer.Option(help="Requests to a teacher server at once.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds per request to a teacher server.")] = 300.0,
+    retries: Annotated[int, typer.Option(help="Retries of a failed request (connection errors, timeouts, 5xx, 429), with exponential backoff.")] = 5,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -181,7 +192,10 @@ def embed(
     from vl2v.evaluate import teacher_zero_shot
     from vl2v.tables import embed_tables
 
-    cfg = EmbedConfig(teacher, prompts, batch_size, workers, device, precision, store_dtype, shard_size, parse_shard(shard or "1/1"))
+    cfg = EmbedConfig(
+        teacher, prompts, batch_size, workers, device, precision, store_dtype, shard_size, parse_shard(shard or "1/1"),
+        max_queries, budget, token, in_flight, timeout, retries,
+    )
     index = scan(root, strict)
     cache_dir = cache_dir or default_cache_dir(index, teacher)
     with progress_bar(f"embed {index.name}") as update:
@@ -193,6 +207,30 @@ def embed(
     else:
         for table in embed_tables(summary):
             out.print(table)
+
+
+@command(name="serve-teacher")
+def serve_teacher(
+    teacher: Annotated[str, typer.Argument(help="The open_clip teacher to serve (see `vl2v embed --teacher`).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token: Annotated[Optional[list[str]], typer.Option(help="A client's bearer token (repeatable; each has its own ledger account and quota); $VL2V_TEACHER_TOKEN adds one. \\[default: none: an open server]", show_default=False)] = None,
+    quota: Annotated[Optional[int], typer.Option(help="Queries (images + prompts) each token may be charged; past it, 429. \\[default: no limit]", show_default=False)] = None,
+    ledger: Annotated[Path, typer.Option(help="SQLite file of charged queries and recorded answers (survives restarts).")] = Path("teacher-ledger.sqlite"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 / bf16 autocast on CUDA.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Most images or prompts per forward pass, across concurrent requests.")] = 128,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+) -> None:
+    """Serve a teacher to paying clients: embeddings over HTTP, bearer tokens, quotas, a ledger that never charges twice."""
+    try:
+        from vl2v.serve import ServeConfig, serve_teacher as serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn"):
+            raise
+        raise UserError("vl2v serve-teacher needs FastAPI and uvicorn: pip install 'vl2v[serve]'.") from None
+
+    serve(ServeConfig(teacher, host, port, tuple(token or ()), quota, ledger, device, precision, batch_size, workers))
 
 
 def main() -> None:

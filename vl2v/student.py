@@ -161,10 +161,11 @@ def _white_box_spec(teacher: str | None):
     from vl2v.teacher import parse_teacher_spec
 
     spec = parse_teacher_spec(teacher) if teacher else None
-    if spec is None or (spec.pretrained is None and not spec.model.startswith("hf-hub:")):
+    no_weights = spec is None or spec.remote or (spec.pretrained in (None, "random") and not spec.model.startswith("hf-hub:"))
+    if no_weights:
         raise UserError(
             f"--student teacher needs the teacher's weights; the teacher is {teacher or 'unknown'}. "
-            "Embed with a teacher that has weights (MODEL:TAG or CONFIG.json:WEIGHTS.pt)."
+            "It needs a local teacher with weights (MODEL:TAG or CONFIG.json:WEIGHTS.pt); a teacher server's stay with the vendor."
         )
     return spec
 

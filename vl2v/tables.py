@@ -45,6 +45,14 @@ def embed_tables(summary: dict) -> list[Table]:
         paid.add_column(col, justify="right")
     q = summary["queries_total"]
     paid.add_row(str(summary["embedded"]), str(summary["reused"]), str(summary["failed"]), str(summary["text_queries"]), str(q["images"]), str(q["texts"]))
+    notes, cost = [], summary.get("cost") or {}
+    if cost.get("requests"):
+        notes.append(f"this run paid {cost['image_queries']} image + {cost['text_queries']} text queries in {cost['requests']} requests")
+    if cost.get("bytes_sent"):  # a teacher server
+        notes.append(f"{cost['retries']} retries, {cost['bytes_sent']:,} bytes sent, {cost['from_record']} answered from the server's record")
+    if summary.get("plan", {}).get("left_out"):
+        notes.append(f"{summary['plan']['left_out']} images left without targets by --budget subset")
+    paid.caption = "; ".join(notes) or None
     tables = [paid]
     if summary["zero_shot"]:
         tables.append(zero_shot_table(summary["zero_shot"]))

@@ -157,15 +157,18 @@ def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = N
         size = (3, data_cfg.image_size, data_cfg.image_size)
         transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
         ctx.eval_images = EvalImages(index.root, paths, rows, transform, size, cfg.eval_batch_size, cfg.workers)
-    domain_rows = [ctx.splits[f"env{d}_in"] for d in range(len(index.domains)) if d != env]
-    if any(len(r) == 0 for r in domain_rows):
-        raise UserError("A training domain has no images in its 'in' split; lower --holdout or add images.")
+    in_splits = [ctx.splits[f"env{d}_in"] for d in range(len(index.domains)) if d != env]
+    if ctx.targets is not None:  # a --budget subset cache: batches draw only images with targets
+        valid = ctx.targets.valid.numpy()
+        in_splits = [rows[valid[rows]] for rows in in_splits]
+    if any(len(r) == 0 for r in in_splits):
+        raise UserError("A training domain has no images (with teacher targets, for a method that needs them) in its 'in' split; lower --holdout, add images, or embed more of them.")
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
     me = launch()
     part = (me.rank, me.world_size) if ctx.ddp else (0, 1)
-    if (cfg.batch_size * len(domain_rows)) % part[1]:
-        raise UserError(f"--parallel ddp splits each step's {cfg.batch_size * len(domain_rows)} images over {part[1]} processes: choose a --batch-size that makes it divisible.")
-    batches = StepBatches(index.root, paths, domain_rows, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps, part)
+    if (cfg.batch_size * len(in_splits)) % part[1]:
+        raise UserError(f"--parallel ddp splits each step's {cfg.batch_size * len(in_splits)} images over {part[1]} processes: choose a --batch-size that makes it divisible.")
+    batches = StepBatches(index.root, paths, in_splits, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps, part)
     return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
 
 
