@@ -214,3 +214,17 @@ def test_settings_refused_before_the_run_directory_is_made(pipeline_run, tmp_pat
     assert_user_error(invoke(*args, "--precision", "fp16"), "--precision fp16 needs a CUDA device")
     assert_user_error(invoke(*args, "--lmd", "2"), "--lmd must be between 0 and 1")
     assert not out.exists()
+
+
+def test_run_with_a_complete_cache_needs_no_teacher_weights(tmp_path, monkeypatch):
+    """The weights moved after embedding: training (and `vl2v run`) uses the cache as it is."""
+    from conftest import write_tiny_teacher
+
+    root = make_dataset(tmp_path / "toy", per_class=2)
+    spec = write_tiny_teacher(tmp_path)
+    monkeypatch.setenv("VL2V_CACHE", str(tmp_path / "cache"))
+    assert invoke("embed", root, "--teacher", spec, "--workers", "0").exit_code == 0
+    (tmp_path / "tiny-clip.pt").rename(tmp_path / "elsewhere.pt")
+    rows = ok_json("run", root, *TINY, "--steps", "1", "--teacher", spec, "--test-env", "art", "--methods", "align", "--run-dir", tmp_path / "exp")
+    assert [r["method"] for r in rows] == ["teacher zero-shot", "align", "align"]
+    assert list(rows[0]["domains"]) == ["art"]  # the teacher's row has the methods' columns

@@ -76,8 +76,9 @@ def test_missing_config_or_weights_file(tmp_path):
     with pytest.raises(UserError, match=r"^Teacher config not found: .*nope\.json$"):
         parse_teacher_spec(str(tmp_path / "nope.json"))
     (tmp_path / "c.json").write_text(json.dumps(TINY_CLIP))
+    spec = parse_teacher_spec(f"{tmp_path / 'c.json'}:{tmp_path / 'missing.pt'}")  # read only when needed
     with pytest.raises(UserError, match=r"^Teacher weights not found: .*missing\.pt \(from --teacher .*c\.json:.*missing\.pt\)$"):
-        parse_teacher_spec(f"{tmp_path / 'c.json'}:{tmp_path / 'missing.pt'}")
+        create_teacher(spec, CPU)
 
 
 # --- create_teacher -------------------------------------------------------------------------------

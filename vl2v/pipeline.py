@@ -3,6 +3,7 @@ several methods on the same splits, seeds and batches."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -106,9 +107,17 @@ def run_all(root: Path, cfg: TrainConfig, methods: list[str], trials: int = 1, e
 
 
 def embed_for_training(index, cache_dir: Path | None, teacher: str, prompts: str, cfg: TrainConfig, progress: Progress | None) -> Path:
+    """The teacher cache of `index`, embedding what is missing. A complete cache that matches the
+    dataset is used as it is: the teacher (its weights, its server) is not needed then."""
+    from vl2v.cache import load_targets
     from vl2v.embed import EmbedConfig, embed_all_parts
+    from vl2v.teacher import load_templates
 
     cache_dir = cache_dir or teacher_cache_dir(index.name, teacher)
+    with contextlib.suppress(UserError):
+        manifest = load_targets(cache_dir, index).manifest
+        if manifest["provenance"].get("templates") == load_templates(prompts):
+            return cache_dir
     embed_cfg = EmbedConfig(teacher=teacher, prompts=prompts, device=cfg.device, workers=cfg.workers)
     embed_all_parts(index, cache_dir, embed_cfg, progress=progress)
     return cache_dir
@@ -122,10 +131,11 @@ def teacher_row(index, cache_dir: Path, cfg: TrainConfig, trials: int) -> dict:
     from vl2v.results import teacher_row as row
 
     targets = load_targets(cache_dir, index)
-    per_domain: dict[str, list[float]] = {d: [] for d in index.domains}
+    held_out = [d for d in index.domains if not cfg.test_envs or d in cfg.test_envs]  # the methods' columns
+    per_domain: dict[str, list[float]] = {d: [] for d in held_out}
     for trial in range(trials):
         splits = all_splits(index, trial, cfg.holdout)
-        accs = teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)})
+        accs = teacher_zero_shot(targets, index, {d: splits[f"env{index.domains.index(d)}_in"] for d in held_out})
         for d, acc in accs.items():
             per_domain[d].append(acc)
     return row(index.name, index.domains, per_domain)

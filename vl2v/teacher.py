@@ -99,8 +99,8 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
         weights = weights.removeprefix(":")
         if weights == RANDOM:
             return TeacherSpec(config.stem, RANDOM, config)
-        if weights and not Path(weights).expanduser().is_file():
-            raise UserError(f"Teacher weights not found: {weights} (from --teacher {spec})")
+        # whether the weights file exists is checked where it is read (resolve_weights): training
+        # from a complete cache never needs it
         return TeacherSpec(config.stem, str(Path(weights).expanduser().resolve()) if weights else None, config)
     model, _, pretrained = spec.partition(":")
     return TeacherSpec(model, pretrained or None)
@@ -244,6 +244,8 @@ def resolve_weights(spec: TeacherSpec) -> Path | None:
     if spec.pretrained == RANDOM:
         return None
     if spec.config is not None:
+        if not Path(spec.pretrained).is_file():
+            raise UserError(f"Teacher weights not found: {spec.pretrained} (from --teacher {spec})")
         return Path(spec.pretrained)
     with _download_guard(spec):
         if spec.model.startswith("hf-hub:"):
