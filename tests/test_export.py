@@ -155,15 +155,18 @@ def test_bundle_preprocessing_is_the_eval_transform(trained, bundles):
 
 
 def test_int8_bundle_is_smaller_and_evaluated_like_any_bundle(trained, bundles, tmp_path):
-    run = trained.runs["resnet-align"]
+    run = trained.runs["vit-distill"]
     out = tmp_path / "int8"
     info = ok_json("export", run, "--format", "onnx", "--quantize", "int8", "--out", out)
-    assert info["quantize"] == "int8" and sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.onnx"]
-    assert (out / "model.onnx").stat().st_size < (bundles["resnet-align", "onnx"] / "model.onnx").stat().st_size
+    assert info["quantize"] == "int8" and info["exporter"]["quantized_ops"] == ["MatMul", "Gemm"]
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.onnx"]
+    assert (out / "model.onnx").stat().st_size < 0.6 * (bundles["vit-distill", "onnx"] / "model.onnx").stat().st_size
     assert 0.0 < info["check"]["max_abs_diff_logits"] < 1.0  # quantised: close, not equal
-    fp32, int8 = ok_json("eval", bundles["resnet-align", "onnx"], "--workers", "0"), ok_json("eval", out, "--workers", "0")
+    fp32, int8 = ok_json("eval", bundles["vit-distill", "onnx"], "--workers", "0"), ok_json("eval", out, "--workers", "0")
     assert [r["model"] for r in fp32 + int8] == ["swad (onnx)", "swad (onnx int8)"]
     assert set(int8[0]["accuracy"]) == {"art", "photo", "sketch"} and all(0.0 <= a <= 1.0 for a in int8[0]["accuracy"].values())
+    probabilities = ok_json("predict", out, trained.root / "art" / "cat", "--workers", "0")["predictions"][0]["top_k"]
+    assert sum(p["probability"] for p in probabilities) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_export_replaces_a_bundle_whole_and_a_failed_export_leaves_nothing(trained, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from vl2v.runtime import UserError, atomic_write_json
 
 MODELS = ("best", "swad")
 QUANTIZE = ("int8",)
+INT8_OPS = ("MatMul", "Gemm")  # what --quantize int8 quantises (see quantize_int8)
 # The TorchScript-based exporter (dynamo=False): the torch.export-based one needs onnxscript, which
 # vl2v does not depend on. Opset 17 is the first with LayerNormalization (one node per ViT norm
 # instead of seven) and runs on every onnxruntime of the last years.
@@ -44,19 +45,27 @@ class ExportedStudent(nn.Module):
 
 
 def export_bundle(run_dir: Path, out: Path, fmt: str, env: str | None = None, model: str | None = None, quantize: str | None = None) -> dict:
-    """Write the bundle of a run's model to `out` (a temporary folder beside it, renamed when complete)
-    and check it against the eager model. `env`: the held-out domain, `none` for the deployment
-    model (the default when the run has one); `model`: best or swad (default: swad when the run
-    made one). Returns bundle.json."""
+    """Export a run's model (see `write_bundle`). `env`: its held-out domain, `none` for the
+    deployment model (the default when the run has one); `model`: best or swad (default: swad when
+    the run made one). Returns bundle.json."""
     _check_choices(fmt, quantize)
     info = runs.run_info(run_dir)
     env_name, env_path = resolve_env(Path(run_dir), info, env)
     model = resolve_model(env_path, model)
     student, data_cfg = load_student(info, env_path / f"{model}.pt", torch.device("cpu"))
-    exported = ExportedStudent(student).eval()
     preprocessing = Preprocessing(data_cfg.image_size, tuple(data_cfg.mean), tuple(data_cfg.std))
+    return write_bundle(student, preprocessing, info["dataset"]["classes"], run_provenance(Path(run_dir), info, env_name, env_path, model), out, fmt, quantize)
+
+
+def write_bundle(student: nn.Module, preprocessing: Preprocessing, classes: list[str], provenance: dict, out: Path, fmt: str,
+                 quantize: str | None = None) -> dict:
+    """Write a student's bundle to `out` (a temporary folder beside it, renamed when complete) and
+    check it, run as `vl2v predict` runs it, against the eager model. Returns bundle.json."""
+    _check_choices(fmt, quantize)
+    exported = ExportedStudent(student).eval()
+    size = preprocessing.input_size
     generator = torch.Generator().manual_seed(0)
-    example, check = (torch.randn(n, 3, data_cfg.image_size, data_cfg.image_size, generator=generator) for n in (TRACE_BATCH, CHECK_BATCH))
+    example, check = (torch.randn(n, 3, size, size, generator=generator) for n in (TRACE_BATCH, CHECK_BATCH))
     with torch.no_grad():
         expected = exported(check)
     with staging(Path(out)) as tmp:
@@ -64,7 +73,21 @@ def export_bundle(run_dir: Path, out: Path, fmt: str, env: str | None = None, mo
         (write_onnx if fmt == "onnx" else write_torchscript)(exported, example, model_file)
         if quantize:
             quantize_int8(model_file)
-        bundle = describe(Path(run_dir), info, env_name, env_path, model, model_file, fmt, quantize, preprocessing, expected[1].shape[1])
+        bundle = {
+            "bundle_version": BUNDLE_VERSION,
+            "format": fmt,
+            "model_file": model_file.name,
+            "sha256": file_sha256(model_file),
+            "quantize": quantize,
+            "classes": list(classes),
+            "preprocessing": preprocessing.to_json(),
+            "inputs": {INPUT: ["batch", 3, size, size]},
+            "outputs": {"logits": ["batch", len(classes)], "embedding": ["batch", expected[1].shape[1]]},
+            "provenance": provenance,
+            "exporter": {"torch": torch.__version__, "opset": OPSET if fmt == "onnx" else None,
+                         "quantized_ops": list(INT8_OPS) if quantize else None},
+            "vl2v_version": __version__,
+        }
         atomic_write_json(tmp / BUNDLE_FILE, bundle)
         bundle["check"] = check_bundle(tmp, check, expected, strict=quantize is None)
         atomic_write_json(tmp / BUNDLE_FILE, bundle)
@@ -156,8 +179,10 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> No
 
 
 def quantize_int8(model_file: Path) -> None:
-    """Replace an fp32 ONNX model by its int8 dynamic quantisation (weights int8, activations
-    quantised per batch at run time), after onnxruntime's recommended pre-processing."""
+    """Replace an fp32 ONNX model by onnxruntime's dynamic int8 quantisation of its matrix
+    products (weights int8, activations quantised per batch at run time), after onnxruntime's
+    recommended pre-processing. Convolutions stay fp32: onnxruntime's dynamic ConvInteger runs
+    3-5× slower than fp32 on CPU (bench/predict.py, resnet18)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -166,40 +191,26 @@ def quantize_int8(model_file: Path) -> None:
     fp32, prepared = model_file.with_suffix(".fp32.onnx"), model_file.with_suffix(".prepared.onnx")
     model_file.rename(fp32)
     quant_pre_process(fp32, prepared)  # shape inference and graph optimisation
-    quantize_dynamic(prepared, model_file, weight_type=QuantType.QInt8)
+    quantize_dynamic(prepared, model_file, op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8)
     fp32.unlink()
     prepared.unlink()
 
 
-def describe(run_dir: Path, info: dict, env_name: str, env_path: Path, model: str, model_file: Path, fmt: str, quantize: str | None,
-             preprocessing: Preprocessing, embedding_dim: int) -> dict:
-    """bundle.json: what runs the model, what it was trained as, and what its run recorded."""
-    cfg, classes, size = info["config"], info["dataset"]["classes"], preprocessing.input_size
+def run_provenance(run_dir: Path, info: dict, env_name: str, env_path: Path, model: str) -> dict:
+    """What the exported model was trained as, from what, and what its run recorded."""
+    cfg = info["config"]
     return {
-        "bundle_version": BUNDLE_VERSION,
-        "format": fmt,
-        "model_file": model_file.name,
-        "sha256": file_sha256(model_file),
-        "quantize": quantize,
-        "classes": classes,
-        "preprocessing": preprocessing.to_json(),
-        "inputs": {INPUT: ["batch", 3, size, size]},
-        "outputs": {"logits": ["batch", len(classes)], "embedding": ["batch", embedding_dim]},
-        "provenance": {
-            "run": str(run_dir.resolve()),
-            "held_out": env_name,
-            "model": model,
-            "method": cfg["method"],
-            "student": cfg["student"],
-            "pretrained": cfg["pretrained"],
-            "teacher": info["teacher"],
-            "from_run": info["from_run"],
-            "dataset": {k: info["dataset"][k] for k in ("name", "root", "domains", "fingerprint")},
-            "recorded": recorded_figures(env_path, model, cfg, info["dataset"]["domains"]),
-            "trained_with_vl2v": info.get("vl2v_version"),
-        },
-        "exporter": {"torch": torch.__version__, "opset": OPSET if fmt == "onnx" else None},
-        "vl2v_version": __version__,
+        "run": str(run_dir.resolve()),
+        "held_out": env_name,
+        "model": model,
+        "method": cfg["method"],
+        "student": cfg["student"],
+        "pretrained": cfg["pretrained"],
+        "teacher": info["teacher"],
+        "from_run": info["from_run"],
+        "dataset": {k: info["dataset"][k] for k in ("name", "root", "domains", "fingerprint")},
+        "recorded": recorded_figures(env_path, model, cfg, info["dataset"]["domains"]),
+        "trained_with_vl2v": info.get("vl2v_version"),
     }
 
 
