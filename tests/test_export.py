@@ -93,6 +93,15 @@ def test_deployment_runs_train_every_domain_into_one_folder(trained):
     assert all(set(r["accuracy"]) == {"art", "photo", "sketch"} for r in rows)
 
 
+def test_a_run_with_held_out_domains_and_a_deployment_model(trained, tmp_path):
+    run = shutil.copytree(trained.held_out, tmp_path / "run")
+    ok("train", trained.root, "--method", "erm", "--student", "test_resnet", *TINY, "--test-env", "none", "--no-swad", "--run-dir", run)
+    rows = ok_json("eval", run, "--workers", "0")
+    assert [(r["held_out"], r["model"]) for r in rows] == [("none", "best"), ("art", "best")]
+    assert ok_json("export", run, "--format", "torchscript", "--out", tmp_path / "b")["provenance"]["held_out"] == "none"
+    assert ok_json("export", run, "--env", "art", "--format", "torchscript", "--out", tmp_path / "b")["provenance"]["held_out"] == "art"
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 

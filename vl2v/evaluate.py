@@ -75,9 +75,9 @@ def evaluate_run(run_dir: Path, dataset_root: Path | None = None, device: str = 
     dev = resolve_device(device)
     labels = torch.tensor([f.label for f in index.files])
     rows = []
-    domains = info["dataset"]["domains"]
-    for env in [None, *range(len(domains))]:
-        held_out, env_path = runs.env_name(domains, env), runs.env_dir(run_dir, env)
+    held_out_names = info["dataset"]["domains"]
+    for env in [None, *range(len(held_out_names))]:
+        held_out, env_path = runs.env_name(held_out_names, env), runs.env_dir(run_dir, env)
         if runs.read_final(env_path) is None:
             continue
         for name in ("best", "swad"):
