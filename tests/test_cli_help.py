@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from vl2v.cli import app
 
-COMMANDS = {"data", "download", "embed", "serve-teacher", "align", "distill", "run", "results", "eval", "demo"}
+COMMANDS = {"data", "download", "embed", "serve-teacher", "align", "distill", "train", "run", "results", "eval", "export", "predict", "demo"}
 NO_DEFAULT = {"help"}
 
 

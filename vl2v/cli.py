@@ -415,27 +415,90 @@ def results(
 
 @command(name="eval")
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A run directory; with --teacher also a dataset folder.")],
-    data: Annotated[Optional[Path], typer.Option(help="Evaluate on this folder (same classes) instead of the run's dataset.")] = None,
+    target: Annotated[Path, typer.Argument(help="A run directory or an exported bundle; with --teacher also a dataset folder.")],
+    data: Annotated[Optional[Path], typer.Option(help="Evaluate on this folder (same classes) instead of the run's or the bundle's dataset.")] = None,
     teacher: Annotated[bool, typer.Option("--teacher", help="The teacher's zero-shot accuracy from the cache instead.")] = False,
     cache_dir: CacheDir = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = min(4, os.cpu_count() or 1),
+    workers: Annotated[int, typer.Option(help="Image-decoding worker processes (threads for a bundle).")] = min(4, os.cpu_count() or 1),
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a run's best and SWAD models on any domain, or the teacher's zero-shot accuracy."""
-    from vl2v import pipeline
+    """Evaluate a run's best and SWAD models, or an exported bundle, on any domain; or the teacher's zero-shot accuracy."""
+    from vl2v.bundle import is_bundle
     from vl2v.tables import eval_table, zero_shot_table
 
     if teacher:
+        from vl2v import pipeline
+
+        if is_bundle(target):
+            raise UserError(f"{target} is a bundle: --teacher reads a teacher cache, of a run directory or a dataset folder.")
         accs = pipeline.teacher_accuracy(target, cache_dir)
         print_json(accs) if as_json else out.print(zero_shot_table(accs))
         return
-    from vl2v.evaluate import evaluate_run
+    from vl2v.evaluate import evaluate_target
 
-    with progress_bar("scan") as update:
-        rows = evaluate_run(target, data, device=device, workers=workers, progress=update)
+    with progress_bar("eval") as update:
+        rows = evaluate_target(target, data, device=device, workers=workers, progress=update)
     print_json(rows) if as_json else out.print(eval_table(rows))
+
+
+# --- deploy ---------------------------------------------------------------------------------------
+
+
+@command
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with a finished model.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="The bundle folder to write (replaced whole if it holds a bundle).")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (onnxruntime) or torchscript (torch.jit).")],
+    env: Annotated[Optional[str], typer.Option(help="Held-out domain of the model; none: the deployment model (--test-env none). \\[default: none when the run has it]", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="best or swad. \\[default: swad when the run made it, else best]", show_default=False)] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: onnxruntime's dynamic quantisation of an ONNX model (check it with `vl2v eval BUNDLE`). \\[default: none]", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a run's model as a self-contained bundle: model file (logits and embedding), classes, preprocessing, provenance."""
+    from vl2v.export import export_bundle
+
+    with err.status(f"exporting {run_dir} to {fmt}"):
+        bundle = export_bundle(run_dir, out_dir, fmt, env, model, quantize)
+    if as_json:
+        print_json(bundle)
+        return
+    p, check = bundle["provenance"], bundle["check"]
+    size = (out_dir / bundle["model_file"]).stat().st_size / 2**20
+    err.print(f"{p['student']} {p['method']} {p['model']} (trained without: {p['held_out']}) → {bundle['format']}"
+              f"{' ' + bundle['quantize'] if bundle['quantize'] else ''}, {size:.1f} MB; |exported − eager| logits ≤ {check['max_abs_diff_logits']:.1e}",
+              highlight=False, soft_wrap=True)
+    out.print(str(out_dir), highlight=False, soft_wrap=True)
+
+
+@command
+def predict(
+    bundle_dir: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A bundle folder made by `vl2v export`.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH...", help="Images, or folders searched recursively for images.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="Classes shown per image, most probable first.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout (path, rank, class, probability).")] = False,
+) -> None:
+    """Classify images with an exported bundle (onnxruntime or torch.jit; no training code); unreadable images are reported and skipped."""
+    from vl2v.bundle import load_bundle, predict as run_predict
+    from vl2v.tables import predictions_csv, predictions_table
+
+    if as_json and as_csv:
+        raise UserError("--json and --csv both print on stdout: pass one of them.")
+    bundle = load_bundle(bundle_dir, device)
+    with progress_bar(f"predict {bundle_dir.name}") as update:
+        result = run_predict(bundle, paths, top_k, batch_size, workers, progress=update)
+    for s in result["skipped"]:
+        err.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json(result)
+    elif as_csv:
+        print(predictions_csv(result["predictions"]), end="")
+    else:
+        out.print(predictions_table(result["predictions"]))
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Accuracies per domain and split: the student's text-head predictions and the teacher's zero-shot."""
+"""Accuracies per domain and split: a run's models, an exported bundle, the teacher's zero-shot."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ from vl2v.data import DatasetIndex, build_eval_transform, scan_dataset
 from vl2v.runtime import Progress, UserError, load_checkpoint, resolve_device
 from vl2v.config import TrainConfig
 from vl2v.methods import get_method
-from vl2v.student import DataConfig, build_student
+
+if TYPE_CHECKING:
+    from vl2v.student import DataConfig
 
 
 def teacher_zero_shot(targets: Targets, index: DatasetIndex, splits: dict[str, np.ndarray] | None = None) -> dict[str, float]:
@@ -43,6 +46,8 @@ def predict_logits(model: torch.nn.Module, batches, device: torch.device, amp: t
 
 def load_student(run_info: dict, weights: Path, device: torch.device) -> tuple[torch.nn.Module, DataConfig]:
     """A trained student from its weights file; no download and no teacher: the head is in it."""
+    from vl2v.student import build_student  # timm: not needed to evaluate a bundle
+
     cfg = TrainConfig(**run_info["config"])
     state = load_checkpoint(weights)
     method = get_method(cfg.method)
@@ -52,18 +57,27 @@ def load_student(run_info: dict, weights: Path, device: torch.device) -> tuple[t
     return model.to(device), data_cfg
 
 
+def evaluate_target(target: Path, dataset_root: Path | None = None, device: str = "auto", batch_size: int = 128, workers: int = 2,
+                    progress: Progress | None = None) -> list[dict]:
+    """`vl2v eval`: the rows of `evaluate_bundle` for a bundle folder, else of `evaluate_run`."""
+    from vl2v.bundle import is_bundle
+
+    evaluate = evaluate_bundle if is_bundle(target) else evaluate_run
+    return evaluate(target, dataset_root, device, batch_size, workers, progress)
+
+
 def evaluate_run(run_dir: Path, dataset_root: Path | None = None, device: str = "auto", batch_size: int = 128, workers: int = 2, progress: Progress | None = None) -> list[dict]:
-    """Accuracy of every finished held-out domain's selected models ("best", "swad") on every domain
-    of the run's dataset, or of another folder with the same classes. Rows: one per model."""
+    """Accuracy of every finished held-out domain's selected models ("best", "swad"), and of a
+    deployment run's, on every domain of the run's dataset, or of another folder with the same
+    classes. Rows: one per model."""
     info = runs.run_info(run_dir)
-    index = scan_dataset(dataset_root or info["dataset"]["root"], progress=progress)
-    if index.classes != info["dataset"]["classes"]:
-        raise UserError(f"{index.root} has classes {index.classes[:5]}…, the run was trained on {info['dataset']['classes'][:5]}…; they must be the same.")
+    index = _scan(dataset_root or info["dataset"]["root"], info["dataset"]["classes"], "the run was trained on", progress)
     dev = resolve_device(device)
     labels = torch.tensor([f.label for f in index.files])
     rows = []
-    for env, held_out in enumerate(info["dataset"]["domains"]):
-        env_path = runs.env_dir(run_dir, env)
+    held_out_names = info["dataset"]["domains"]
+    for env in [None, *range(len(held_out_names))]:
+        held_out, env_path = runs.env_name(held_out_names, env), runs.env_dir(run_dir, env)
         if runs.read_final(env_path) is None:
             continue
         for name in ("best", "swad"):
@@ -78,6 +92,34 @@ def evaluate_run(run_dir: Path, dataset_root: Path | None = None, device: str = 
     if not rows:
         raise UserError(f"{run_dir} has no finished held-out domain yet; finish it with the command that started it.")
     return rows
+
+
+def evaluate_bundle(bundle_dir: Path, dataset_root: Path | None = None, device: str = "auto", batch_size: int = 128, workers: int = 2,
+                    progress: Progress | None = None) -> list[dict]:
+    """Accuracy of an exported bundle (vl2v.bundle, as `vl2v predict` runs it) on every domain of
+    a dataset with its classes; by default the dataset it was trained on. One row."""
+    from vl2v.bundle import load_bundle, run_bundle
+
+    bundle = load_bundle(bundle_dir, device)
+    if dataset_root is None:
+        dataset_root = Path(bundle.provenance["dataset"]["root"])
+        if not dataset_root.is_dir():
+            raise UserError(f"The bundle's training data {dataset_root} is gone; pass --data DIR (a folder with its classes).")
+    index = _scan(dataset_root, bundle.classes, "the bundle predicts", progress)
+    files = [index.files[i] for i in index.good]
+    out = run_bundle(bundle, [index.root / f.path for f in files], batch_size, workers, progress)
+    labels = np.array([files[r].label for r in out.rows])
+    domains = np.array([files[r].domain for r in out.rows])
+    correct = out.logits.argmax(1) == labels
+    accs = {d: float(correct[domains == i].mean()) for i, d in enumerate(index.domains) if (domains == i).any()}
+    return [{"held_out": bundle.provenance["held_out"], "model": bundle.label, "accuracy": accs}]
+
+
+def _scan(root: Path, classes: list[str], whose: str, progress: Progress | None) -> DatasetIndex:
+    index = scan_dataset(root, progress=progress)
+    if index.classes != classes:
+        raise UserError(f"{index.root} has classes {index.classes[:5]}…, {whose} {classes[:5]}…; they must be the same.")
+    return index
 
 
 def _eval_images(index: DatasetIndex, data_cfg: DataConfig, batch_size: int, workers: int) -> tuple[EvalImages, np.ndarray]:

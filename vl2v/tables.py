@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 from rich.table import Table
 
 MAX_CLASS_COLUMNS = 12
 
 
-def pct(x: float) -> str:
-    return "-" if x != x else f"{100 * x:.1f}"
+def pct(x: float | None) -> str:
+    """A fraction as a percentage; `-` for none (NaN, or a deployment run's missing test figures)."""
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
 def dataset_tables(summary: dict) -> list[Table]:
@@ -90,3 +94,25 @@ def eval_table(rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(r["held_out"], r["model"], *(pct(r["accuracy"].get(d, float("nan"))) for d in domains))
     return table
+
+
+def predictions_table(predictions: list[dict]) -> Table:
+    table = Table(title="predictions (probability %)")
+    table.add_column("image")
+    table.add_column("class")
+    table.add_column("%", justify="right")
+    table.add_column("next")
+    for p in predictions:
+        first, *rest = p["top_k"]
+        table.add_row(p["path"], first["class"], pct(first["probability"]), ", ".join(f"{t['class']} {pct(t['probability'])}" for t in rest))
+    return table
+
+
+def predictions_csv(predictions: list[dict]) -> str:
+    """One row per (image, rank): path, rank (1 = most probable), class, probability."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "rank", "class", "probability"])
+    for p in predictions:
+        writer.writerows([p["path"], rank, t["class"], f"{t['probability']:.6g}"] for rank, t in enumerate(p["top_k"], 1))
+    return buffer.getvalue()
