@@ -65,7 +65,7 @@ def plain_summary(summary: dict) -> list[str]:
         f"Digits-DG: {summary['images']:,} real digit images in 4 domains ({', '.join(summary['domains'])}); "
         "each domain in turn was held out and never seen in training.",
         f"Teacher (our small CLIP, zero-shot) on the held-out domains: {mean['teacher zero-shot']:.1f}% on average.",
-        f"Student ({summary['config']['student']}, random init) after Align: {mean['Align']:.1f}%, "
+        f"Student ({summary['config']['student']}, pretrained on letters and symbols) after Align: {mean['Align']:.1f}%, "
         f"after Distill: {mean['Distill']:.1f}%, Distill with SWAD: {mean['Distill + SWAD']:.1f}% (chance: 10%).",
         f"Teacher queries paid: {q['images']:,} images and {q['texts']} prompts, once; "
         f"training ran {2 * len(summary['domains'])} student runs without calling the teacher.",
