@@ -1,10 +1,11 @@
 """A small CLIP of our own for the offline demo, trained from scratch on the teacher pool.
 
 No CLIP weights can be downloaded here, so the demo trains one: an open_clip architecture from a
-JSON config (ViT 32 px, patch 8; a 2-layer text tower with the bundled tokenizer), open_clip's own
-model and `ClipLoss`, on digit images with varied captions. The result is an ordinary open_clip
-teacher: `open_clip.add_model_config(config_json)` registers it under the file's stem, and the
-weights are a plain state_dict (`torch.load(..., weights_only=True)`).
+JSON config (a ResNet image tower with attention pooling, CLIP's RN50 design at 32 px and width 16;
+a 2-layer text tower with the bundled tokenizer), open_clip's own model, on digit images with varied
+captions. The result is an ordinary open_clip teacher: `open_clip.add_model_config(config_json)`
+registers it under the file's stem, and the weights are a plain state_dict
+(`torch.load(..., weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "vl2v-digits-clip"  # the config's file stem: the name open_clip registers it under
 TEACHER_VERSION = 2  # bump when training changes what a given recipe produces
+# A ViT image tower (32 px, patch 8, 4 layers of width 128) trained in the same time reached
+# 70-75% zero-shot on the teacher's validation images, and collapsed at a learning rate of 2e-3 or
+# with more colourful images in the mix; this ResNet (one bottleneck per stage) reaches ~95%.
 MODEL_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 64},
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
 }
 
 
 @dataclass(frozen=True)
 class TeacherRecipe:
-    """How the demo teacher trains: a fixed number of steps, so it is the same on any machine."""
+    """How the demo teacher trains: a fixed number of steps, so it is the same on any machine.
+    Chosen by zero-shot accuracy on the teacher's own validation images (`validation_accuracy`),
+    never on the demo dataset."""
 
     steps: int = 500
-    lr: float = 1e-3
+    lr: float = 3e-3  # zero-shot on the validation images: 2e-3 and 4e-3 within a point of it
     weight_decay: float = 0.1
     batch_size: int = 128
     warmup_frac: float = 0.05
@@ -55,10 +61,10 @@ class TeacherRecipe:
     # A batch of 128 pairs holds ~13 of each digit. ClipLoss pushes each image away from the other
     # captions of its own digit as hard as from every other digit's; this share of every target
     # is spread over the pairs of the same digit instead (0: open_clip's ClipLoss).
-    class_targets: float = 0.0
+    class_targets: float = 1.0
     # The 49,408-row token table is most of the model, yet the captions use ~60 of its rows: a
     # frozen (random) table saves a third of each step, and the text layers still learn.
-    train_token_embedding: bool = True
+    train_token_embedding: bool = False
     # CLIP's initial temperature (100/7) collapses every embedding to one point within ~10 steps
     # and a run this short never recovers; a cooler start avoids that, and a faster learning rate
     # on the logit scale lets it still grow to a CLIP-like sharpness.
