@@ -65,3 +65,27 @@ def test_same_seed_same_weights(tmp_path, weights):
     again = pretrain.pretrain_demo_student(tmp_path, seed=0, recipe=TINY)
     a, b = torch.load(weights, weights_only=True), torch.load(again, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vl2v_align_starts_from_the_weights_through_model_kwargs(weights, tmp_path):
+    """The path `vl2v demo` takes, from the command line: `--pretrained --model-kwargs
+    pretrained_cfg_overlay=JSON`. Align freezes the featurizer and its BatchNorm, so every tensor
+    of the featurizer it saves is the pretrained one."""
+    from conftest import make_cached_toy
+    from typer.testing import CliRunner
+
+    from vl2v.cli import app
+
+    root, cache = make_cached_toy(tmp_path, per_class=4)
+    overlay = json.dumps(pretrain.student_kwargs(weights)["pretrained_cfg_overlay"])
+    result = CliRunner().invoke(app, [
+        "align", str(root), "--cache-dir", str(cache), "--student", "test_resnet", "--pretrained",
+        "--model-kwargs", f"pretrained_cfg_overlay={overlay}", "--image-size", "32", "--batch-size", "2",
+        "--steps", "2", "--checkpoint-freq", "1", "--workers", "0", "--test-env", "art",
+        "--run-dir", str(tmp_path / "run"), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["model_kwargs"] == pretrain.student_kwargs(weights) and config["pretrained"]
+    saved = torch.load(tmp_path / "run" / "env0" / "best.pt", weights_only=True)
+    for key, value in torch.load(weights, weights_only=True).items():
+        assert torch.equal(saved[f"featurizer.{key}"], value), key
