@@ -155,3 +155,19 @@ def test_data_empty_dataset(tmp_path):
     for d in ("a", "b"):
         (root / d / "cls").mkdir(parents=True)
     assert_user_error(run(str(root)), "No images found in")
+
+
+def test_every_command_runs_on_a_fixed_thread_count(dataset, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("VL2V_THREADS", raising=False)
+    try:
+        assert CliRunner().invoke(app, ["--threads", "2", "data", str(dataset)]).exit_code == 0
+        assert torch.get_num_threads() == 2
+        assert CliRunner().invoke(app, ["data", str(dataset)]).exit_code == 0
+        assert torch.get_num_threads() == 1  # the default: not the machine's core count
+        monkeypatch.setenv("VL2V_THREADS", "2")
+        assert CliRunner().invoke(app, ["data", str(dataset)]).exit_code == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""A shortened `vl2v demo` end to end: data, teacher, embed, Align, Distill, SWAD, report."""
+"""A shortened `vl2v demo` end to end: data, teacher, pretrained student, embed, ERM, KD, Align, Distill, SWAD, report."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["queries"] == {"images": 240, "texts": 10}  # every image and prompt paid once
     assert set(summary["teacher_zero_shot"]) == set(summary["domains"])
     stages = {(r["method"], r["selection"]) for r in summary["results"]}
-    assert stages == {(s, sel) for s in ("align", "distill") for sel in ("training-domain validation", "SWAD")}
+    assert stages == {(s, sel) for s in ("align", "distill", "erm", "kd") for sel in ("training-domain validation", "SWAD")}
     for row in summary["results"]:
         assert set(row["domains"]) == set(summary["domains"]) and row["avg"] is not None
     runs = tmp_path / "demo" / "runs" / "DigitsDG"
     assert (runs / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (runs / "report.md").read_text()
-    assert "| held-out domain | teacher zero-shot | Align | Distill | Distill + SWAD |" in report
+    assert "| held-out domain | teacher zero-shot | ERM | ERM + SWAD | KD | KD + SWAD | Align | Distill | Distill + SWAD |" in report
+    assert "| average | " in report
     assert (tmp_path / "demo" / "samples.png").exists()
 
     again = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--json"])

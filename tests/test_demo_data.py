@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from vl2v.demo import digits, sources
 
 PER_CLASS = 3
+PINNED_DIGEST = "ce0b671b5597c1447db64daa497226384970ddb602629604df01b7c38208157f"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -62,12 +64,13 @@ def test_pools_are_disjoint_and_labelled():
     pools = sources.pools()
     _, mnist_y = sources.load_mnist()
     _, uci_y = sources.load_uci()
-    mnist_sets = [set(pools.mnist.ravel()), set(pools.mnist_m.ravel()), set(pools.teacher_mnist)]
-    assert [len(s) for s in mnist_sets] == [1500, 1500, 2000]
+    mnist_sets = [set(pools.mnist.ravel()), set(pools.mnist_m.ravel()), set(pools.teacher_mnist),
+                  set(pools.teacher_val_mnist)]  # fmt: skip
+    assert [len(s) for s in mnist_sets] == [1500, 1500, 1700, 300]
     assert sum(len(s) for s in mnist_sets) == len(set().union(*mnist_sets)) == len(mnist_y)
-    uci_sets = [set(pools.uci.ravel()), set(pools.teacher_uci)]
-    assert not uci_sets[0] & uci_sets[1]
-    assert len(uci_sets[0] | uci_sets[1]) == len(uci_y)
+    uci_sets = [set(pools.uci.ravel()), set(pools.teacher_uci), set(pools.teacher_val_uci)]
+    assert len(uci_sets[2]) == 100
+    assert sum(len(s) for s in uci_sets) == len(set().union(*uci_sets)) == len(uci_y)
     for c in range(10):
         assert (mnist_y[pools.mnist[c]] == c).all() and (mnist_y[pools.mnist_m[c]] == c).all()
         assert (uci_y[pools.uci[c]] == c).all()
@@ -93,6 +96,33 @@ def test_teacher_images_never_equal_demo_images(built):
         assert images.shape[1:] == (32, 32, 3) and len(images) == len(labels)
         assert not {img.tobytes() for img in images} & demo[kind], kind
     assert not {p.tobytes() for p in digits.teacher_patches(0, 20)} & demo["mnist_m"]
+
+
+def test_teacher_validation_images_are_their_own(built):
+    val = digits.teacher_val_images()
+    assert sorted(val) == list(digits.DOMAINS)
+    train = {img.tobytes() for images, _ in digits.teacher_images(seed=0, n_synth=40).values() for img in images}
+    demo = {_pixels(p).tobytes() for p in built.rglob("*.png")}
+    for domain, (images, labels) in val.items():
+        assert images.shape[1:] == (32, 32, 3) and len(images) == len(labels) >= 100, domain
+        assert np.bincount(labels, minlength=10).min() >= 10, domain
+        assert not {img.tobytes() for img in images} & (train | demo), domain
+
+
+def _digest(root: Path) -> str:
+    """sha256 of every image's path and decoded pixels (not its PNG bytes: encoders may differ)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.png")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(_pixels(p).tobytes())
+    return h.hexdigest()
+
+
+def test_the_build_is_pinned(built):
+    # Fails when any image changes: font layout (Pillow's BASIC engine, chosen so that libraqm on the
+    # system does not matter), FreeType's rendering, the pools, or the random streams.
+    # Bump digits.BUILD_VERSION, then update the digest, when a change is meant.
+    assert _digest(built) == PINNED_DIGEST
 
 
 def test_rebuild_is_skipped_when_parameters_match(built, monkeypatch):

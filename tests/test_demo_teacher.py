@@ -19,7 +19,7 @@ TINY = teacher.TeacherRecipe(batch_size=16, n_synth=20, n_patches=10, steps=3)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    return teacher.train_demo_teacher(out, seconds=1.0, seed=0, recipe=TINY)
+    return teacher.train_demo_teacher(out, seed=0, recipe=TINY)
 
 
 def test_pair_reloads_with_open_clip_and_embeds(trained):
@@ -45,20 +45,46 @@ def test_training_changed_the_weights_and_wrote_provenance(trained):
     fresh, _, _ = teacher.create_demo_clip(config_json)
     state = torch.load(weights_pt, weights_only=True)
     assert not torch.equal(state["visual.conv1.weight"], fresh.state_dict()["visual.conv1.weight"])
-    meta = json.loads(config_json.with_name(f"{teacher.MODEL_NAME}.meta.json").read_text())
+    meta = json.loads(weights_pt.with_suffix(".meta.json").read_text())
     assert meta["steps"] == 3 and meta["params"]["seed"] == 0
+    assert sorted(meta["validation"]) == list(digits.DOMAINS)
+    assert all(0.0 <= v <= 1.0 for v in meta["validation"].values())
+
+
+def test_a_frozen_token_table_stays_as_initialised(tmp_path):
+    recipe = teacher.TeacherRecipe(batch_size=8, n_synth=10, n_patches=5, steps=2, train_token_embedding=False)
+    config_json, weights_pt = teacher.train_demo_teacher(tmp_path, seed=0, recipe=recipe)
+    torch.manual_seed(0)  # train_demo_teacher seeds the same way before building the model
+    fresh, _, _ = teacher.create_demo_clip(config_json)
+    state = torch.load(weights_pt, weights_only=True)
+    assert torch.equal(state["token_embedding.weight"], fresh.state_dict()["token_embedding.weight"])
+    assert not torch.equal(state["text_projection"], fresh.state_dict()["text_projection"])
+
+
+def test_loss_is_clip_loss_without_class_targets_and_counts_same_class_pairs_with_them():
+    g = torch.Generator().manual_seed(0)
+    image_f = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    text_f = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    scale, labels = torch.tensor(5.0), torch.tensor([0, 1, 0, 2, 1, 0])
+    clip = open_clip.ClipLoss()(image_f, text_f, scale)
+    assert torch.allclose(teacher.contrastive_loss(image_f, text_f, scale, labels, 0.0), clip)
+    logits = scale * image_f @ text_f.T
+    same = (labels[:, None] == labels[None]).float()
+    target = same / same.sum(1, keepdim=True)  # e.g. row 0: 1/3 on pairs 0, 2 and 5
+    expected = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    assert torch.allclose(teacher.contrastive_loss(image_f, text_f, scale, labels, 1.0), expected)
 
 
 def test_same_parameters_skip_training(trained, monkeypatch):
     monkeypatch.setattr(teacher, "_train", lambda *a, **k: pytest.fail("retrained"))
-    again = teacher.train_demo_teacher(trained[0].parent, seconds=1.0, seed=0, recipe=TINY)
+    again = teacher.train_demo_teacher(trained[0].parent, seed=0, recipe=TINY)
     assert again == trained
 
 
 def test_same_seed_same_weights(tmp_path):
     recipe = teacher.TeacherRecipe(batch_size=8, n_synth=10, n_patches=5, steps=2)
-    a = teacher.train_demo_teacher(tmp_path / "a", seconds=1.0, seed=3, recipe=recipe)[1]
-    b = teacher.train_demo_teacher(tmp_path / "b", seconds=1.0, seed=3, recipe=recipe)[1]
+    a = teacher.train_demo_teacher(tmp_path / "a", seed=3, recipe=recipe)[1]
+    b = teacher.train_demo_teacher(tmp_path / "b", seed=3, recipe=recipe)[1]
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -71,8 +97,10 @@ def test_batches_use_the_teachers_own_preprocessing(trained):
     ours = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - batches.mean) / batches.std
     theirs = preprocess(Image.fromarray(img))
     assert torch.allclose(ours[0], theirs, atol=1e-5)
-    images, tokens = batches.sample(6)
-    assert images.shape == (6, 3, 32, 32) and tokens.shape == (6, 16)
+    images, tokens, labels = batches.sample(6)
+    assert images.shape == (6, 3, 32, 32) and tokens.shape == (6, 16) and labels.shape == (6,)
+    for row, label in zip(tokens, labels):  # each caption is one of its digit's captions
+        assert (batches.tokens["mnist"][label] == row).all(1).any()
 
 
 def test_captions_fit_the_context_and_name_the_class():

@@ -53,7 +53,13 @@ def command(fn=None, *, name: str | None = None):
 
 
 @app.callback()
-def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    threads: Annotated[int, typer.Option(envvar="VL2V_THREADS", min=1, help="Torch compute threads on the CPU. A fixed count, not the machine's: CPU results then do not depend on how many cores there are.")] = 1,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
     logging.basicConfig(
         level=logging.WARNING,  # third-party chatter (open_clip, timm) only when it matters
         format="%(message)s",

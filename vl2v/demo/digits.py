@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 DATASET = "DigitsDG"
 DOMAINS = ("mnist", "mnist_m", "synth", "uci")
 MARKER = ".vl2v-digits.json"
-BUILD_VERSION = 2  # bump when the images a build makes change
-# Streams of random numbers: a demo build and the teacher's pool never share one.
-_DEMO_STREAM, _TEACHER_STREAM = 0, 1
+BUILD_VERSION = 3  # bump when the images a build makes change
+# Streams of random numbers: a demo build, the teacher's pool and its validation set never share one.
+_DEMO_STREAM, _TEACHER_STREAM, _TEACHER_VAL_STREAM = 0, 1, 2
 
 
 def max_per_class() -> int:
@@ -101,6 +101,27 @@ def _teacher_real_images() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         "uci": (np.stack([sources.uci_image(ux[i]) for i in pools.teacher_uci]),
                 uy[pools.teacher_uci]),
     }  # fmt: skip
+
+
+def teacher_val_images() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What the demo teacher's recipe is chosen by, one set per demo domain, made only of teacher
+    material: held-out teacher-pool MNIST and UCI digits, those MNIST digits blended over teacher
+    photos, and font-rendered digits (30 per class) from a stream of their own. The same for every
+    seed, so that teachers of different seeds are compared on the same images.
+    Returns domain -> (uint8 `[N, 32, 32, 3]`, int64 labels `[N]`)."""
+    pools = sources.pools()
+    (mx, my), (ux, uy) = sources.load_mnist(), sources.load_uci()
+    mnist = np.stack([sources.mnist_image(mx[i]) for i in pools.teacher_val_mnist])
+    rng = _rng(0, _TEACHER_VAL_STREAM, "mnist_m")
+    mnist_m = np.stack([sources.blend_mnist_m(d, sources.random_patch(rng, sources.TEACHER_TEXTURES,
+                                                                      tint=True)) for d in mnist])  # fmt: skip
+    rng = _rng(0, _TEACHER_VAL_STREAM, "synth")
+    synth_y = np.arange(10 * sources.MNIST_TEACHER_VAL_PER_CLASS, dtype=np.int64) % 10
+    synth = np.stack([sources.render_synth(rng, int(y)) for y in synth_y])
+    uci = np.stack([sources.uci_image(ux[i]) for i in pools.teacher_val_uci])
+    mnist_y = my[pools.teacher_val_mnist]
+    return {"mnist": (mnist, mnist_y), "mnist_m": (mnist_m, mnist_y), "synth": (synth, synth_y),
+            "uci": (uci, uy[pools.teacher_val_uci])}  # fmt: skip
 
 
 def teacher_patches(seed: int, n: int) -> np.ndarray:

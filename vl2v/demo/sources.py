@@ -18,10 +18,13 @@ SIZE = 32
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POOL_SEED = 1729
 # The MNIST sample has 500 images per class: 150 for each of the two demo domains built from MNIST
-# digits (mnist, mnist_m), the other 200 for the teacher.
+# digits (mnist, mnist_m), 30 to validate the teacher, the other 170 to train it.
 MNIST_DEMO_PER_CLASS = 150
-# scikit-learn's digits have 174-183 per class: 120 for the demo, the rest (~58) for the teacher.
+MNIST_TEACHER_VAL_PER_CLASS = 30
+# scikit-learn's digits have 174-183 per class: 120 for the demo, 10 to validate the teacher, the
+# rest (~48) to train it.
 UCI_DEMO_PER_CLASS = 120
+UCI_TEACHER_VAL_PER_CLASS = 10
 # skimage photos that load offline, split so MNIST-M-style backgrounds differ between the pools.
 # ("cat" is the same photo as "chelsea", so only one of them is used.)
 DEMO_TEXTURES = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -57,13 +60,15 @@ def load_uci() -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class Pools:
     """Indices into `load_mnist()` / `load_uci()`. Demo pools are `[10, k]` (row = class, in the
-    order a build takes them); teacher pools are flat. The demo and teacher pools are disjoint."""
+    order a build takes them); teacher pools (training and validation) are flat. All disjoint."""
 
     mnist: np.ndarray
     mnist_m: np.ndarray
     uci: np.ndarray
     teacher_mnist: np.ndarray
     teacher_uci: np.ndarray
+    teacher_val_mnist: np.ndarray
+    teacher_val_uci: np.ndarray
 
 
 def _split_per_class(labels: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndarray]:
@@ -81,12 +86,16 @@ def _split_per_class(labels: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndar
 
 @functools.cache
 def pools() -> Pools:
-    """The fixed demo/teacher split of the real digit images."""
-    mnist, mnist_m, teacher_mnist = _split_per_class(
-        load_mnist()[1], (MNIST_DEMO_PER_CLASS, MNIST_DEMO_PER_CLASS)
+    """The fixed demo/teacher split of the real digit images. The teacher's validation images are
+    cut after the demo's, so the demo pools are the same as before they existed."""
+    mnist, mnist_m, val_mnist, teacher_mnist = _split_per_class(
+        load_mnist()[1], (MNIST_DEMO_PER_CLASS, MNIST_DEMO_PER_CLASS, MNIST_TEACHER_VAL_PER_CLASS)
     )
-    uci, teacher_uci = _split_per_class(load_uci()[1], (UCI_DEMO_PER_CLASS,))
-    return Pools(mnist, mnist_m, uci, teacher_mnist, teacher_uci)
+    uci, val_uci, teacher_uci = _split_per_class(
+        load_uci()[1], (UCI_DEMO_PER_CLASS, UCI_TEACHER_VAL_PER_CLASS)
+    )
+    return Pools(mnist, mnist_m, uci, teacher_mnist, teacher_uci,
+                 np.sort(val_mnist.ravel()), np.sort(val_uci.ravel()))  # fmt: skip
 
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
@@ -146,9 +155,12 @@ def blend_mnist_m(digit: np.ndarray, patch: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _font(file: str, size: int) -> ImageFont.FreeTypeFont:
+    """A matplotlib font with Pillow's own BASIC layout: the default picks libraqm when the system
+    has it, which places glyphs differently and so changes the rendered images."""
     import matplotlib
 
-    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", file), size)
+    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", file)
+    return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC)
 
 
 def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -164,12 +176,17 @@ def render_synth(rng: np.random.Generator, digit: int, colour: bool = True) -> n
     """A digit in a random matplotlib font, size, offset, rotation and colours (white on black
     if not `colour`), drawn at 2x and downsampled (anti-aliasing), like Digits-DG's SYN digits.
     Digits are about as tall as MNIST's (19-24 of 32 px)."""
+    return render_glyph(rng, str(digit), colour)
+
+
+def render_glyph(rng: np.random.Generator, text: str, colour: bool = True) -> np.ndarray:
+    """`text` (one character) drawn as `render_synth` draws a digit."""
     big = 2 * SIZE
     bg, fg = _contrasting_colours(rng) if colour else ((0, 0, 0), (255, 255, 255))
     canvas = Image.new("RGB", (big, big), bg)
     font = _font(FONT_FILES[rng.integers(len(FONT_FILES))], int(rng.integers(52, 66)))
     dx, dy = rng.integers(-4, 5, size=2)
-    ImageDraw.Draw(canvas).text((big / 2 + dx, big / 2 + dy), str(digit), fill=fg, font=font,
+    ImageDraw.Draw(canvas).text((big / 2 + dx, big / 2 + dy), text, fill=fg, font=font,
                                 anchor="mm")  # fmt: skip
     canvas = canvas.rotate(float(rng.uniform(-15, 15)), Image.BILINEAR, fillcolor=bg)
     img = np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS), dtype=np.float32)

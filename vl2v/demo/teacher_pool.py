@@ -81,11 +81,12 @@ class TeacherBatches:
         """Distinct real images in the pool (blends and augmentation add more)."""
         return sum(len(x) for x in self.images.values())
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns images `[B, 3, 32, 32]` (normalised) and caption tokens `[B, context_length]`."""
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns images `[B, 3, 32, 32]` (normalised), caption tokens `[B, context_length]` and
+        the digit of each pair `[B]`."""
         g = self.gen
         kind_of = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
-        images, tokens = [], []
+        images, tokens, labels = [], [], []
         for i, kind in enumerate(self.kinds):
             n = int((kind_of == i).sum())
             if n == 0:
@@ -95,11 +96,16 @@ class TeacherBatches:
             t = torch.randint(table.shape[1], (n,), generator=g)
             images.append(x)
             tokens.append(table[y, t])
-        x = _random_affine(torch.cat(images), g)
-        x = (x - self.mean) / self.std
+            labels.append(y)
+        x = random_affine(torch.cat(images), g)
+        x = self.normalize(x)
         # Shuffle so a batch is not sorted by kind (the loss does not care; BatchNorm-free model).
         perm = torch.randperm(batch_size, generator=g)
-        return x[perm], torch.cat(tokens)[perm]
+        return x[perm], torch.cat(tokens)[perm], torch.cat(labels)[perm]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 32, 32] in [0, 1] -> the teacher's input (its mean and std)."""
+        return (x - self.mean) / self.std
 
     def _images(self, kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`n` random images of a kind in [0, 1] and their labels."""
@@ -125,7 +131,7 @@ def _colourize(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
     return keep * x + (1 - keep) * coloured
 
 
-def _random_affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def random_affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mild per-image rotation (±10°), scale (±10%) and shift (±2 px), edges replicated."""
     n = x.shape[0]
     angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(10)
