@@ -134,7 +134,7 @@ def test_a_url_builds_the_local_teachers_cache_and_pays_once(server, teacher_spe
     remote = embed_dataset(index, tmp_path / "remote", config(server.url, token="same"))
     local = embed_dataset(index, tmp_path / "local", config(teacher_spec))
     assert remote.complete and (remote.embedded, remote.text_queries) == (36, 3)
-    assert remote.cost == {"image_queries": 36, "text_queries": 3, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": remote.cost["bytes_sent"]}
+    assert remote.cost == {"image_queries": 36, "view_queries": 0, "text_queries": 3, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": remote.cost["bytes_sent"]}
     assert remote.cost["bytes_sent"] > sum((index.root / f.path).stat().st_size for f in index.files)  # the files, base64
     a, b = load_targets(tmp_path / "remote", index), load_targets(tmp_path / "local", index)
     torch.testing.assert_close(a.image, b.image, atol=1e-3, rtol=0)  # fp16 storage of the same network on the same pixels
