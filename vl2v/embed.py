@@ -19,6 +19,7 @@ from vl2v.budget import BUDGETS, Plan, plan_queries
 from vl2v.data import DatasetIndex
 from vl2v.remote import RemoteTeacher
 from vl2v.runtime import Progress, UserError, barrier, launch, resolve_device
+from vl2v.shards import embed_in_shards
 from vl2v.teacher import (
     DEFAULT_TEACHER,
     TeacherBackend,
@@ -272,23 +273,6 @@ def _provenance(teacher: TeacherBackend, templates: list[str], cfg: EmbedConfig)
     return {**teacher.provenance(), "templates": templates, "prompts": cfg.prompts, "store_dtype": cfg.store_dtype}
 
 
-@dataclass
-class _OpenShard:
-    """A shard whose batches are still being answered."""
-
-    rows: np.ndarray
-    arrays: dict[str, np.ndarray]  # per row: the embedding, and a view shard's parameters
-    ok: np.ndarray
-    answered: np.ndarray
-    batches_left: int
-
-    @classmethod
-    def empty(cls, rows: np.ndarray, first: dict[str, np.ndarray], batch_size: int) -> _OpenShard:
-        n = len(rows)
-        arrays = {name: np.zeros((n, *a.shape[1:]), dtype=a.dtype) for name, a in first.items()}
-        return cls(rows, arrays, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), -(-n // batch_size))
-
-
 def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend, pending: list[int], cfg: EmbedConfig, progress: Progress | None, on_shard) -> int:
     """Embed `pending` rows into image shards; returns how many failed to decode."""
     store = np.float16 if cfg.store_dtype == "fp16" else np.float32
@@ -305,7 +289,7 @@ def _embed_images(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend,
         on_shard()
 
     size = cfg.rows_per_shard(parse_teacher_spec(cfg.teacher).remote)
-    return _embed_rows(index, pending, cfg.batch_size, size, answers, write, progress)
+    return embed_in_shards([f.path for f in index.files], pending, cfg.batch_size, size, answers, write, progress)
 
 
 def _embed_views(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend, rows: list[int], ks: range, seed: int, cfg: EmbedConfig,
@@ -326,48 +310,7 @@ def _embed_views(index: DatasetIndex, cache_dir: Path, teacher: TeacherBackend, 
         on_shard()
 
     size = cfg.view_rows_per_shard(parse_teacher_spec(cfg.teacher).remote, len(ks))
-    return _embed_rows(index, rows, cfg.view_batch(len(ks)), size, answers, write, progress)
-
-
-def _embed_rows(index: DatasetIndex, pending: list[int], batch_size: int, size: int, answers, write, progress: Progress | None) -> int:
-    """Embed `pending` rows in shards of `size` rows made of whole batches: batches never straddle
-    shards, so a resumed run sees exactly the batches an uninterrupted one would. `answers(paths of
-    each batch)` yields (batch number, {name: [B, ...]}, [B] decoded) as answers arrive (a remote
-    teacher's may complete out of order); `write(rows, arrays, decoded)` writes a shard, once all
-    its batches are answered. After a fatal error the answered rows of unfinished shards are
-    written too, so every row paid for is kept. Returns how many failed to decode."""
-    shards = [np.array(pending[s : s + size]) for s in range(0, len(pending), size)]
-    batches = [(i, s) for i, rows in enumerate(shards) for s in range(0, len(rows), batch_size)]
-    paths = [[index.files[r].path for r in shards[i][s : s + batch_size]] for i, s in batches]
-
-    def flush(shard: _OpenShard, keep: np.ndarray) -> int:
-        write(shard.rows[keep], {name: a[keep] for name, a in shard.arrays.items()}, shard.ok[keep])
-        return int((~shard.ok[keep]).sum())
-
-    open_shards: dict[int, _OpenShard] = {}
-    done, n_failed = 0, 0
-    try:
-        for b, arrays, ok in answers(paths):
-            i, s = batches[b]
-            if i not in open_shards:
-                open_shards[i] = _OpenShard.empty(shards[i], arrays, batch_size)
-            shard = open_shards[i]
-            part = slice(s, s + len(ok))
-            for name, a in arrays.items():
-                shard.arrays[name][part] = a
-            shard.ok[part], shard.answered[part] = ok, True
-            shard.batches_left -= 1
-            if shard.batches_left == 0:
-                n_failed += flush(open_shards.pop(i), np.ones(len(shard.rows), dtype=bool))
-            done += len(ok)
-            if progress:
-                progress(done, len(pending))
-    except UserError:
-        for shard in open_shards.values():
-            if shard.answered.any():
-                flush(shard, shard.answered)
-        raise
-    return n_failed
+    return embed_in_shards([f.path for f in index.files], rows, cfg.view_batch(len(ks)), size, answers, write, progress)
 
 
 def _write_manifest(cache_dir: Path, index: DatasetIndex, provenance: dict, complete: bool, found: dict, failed: np.ndarray, views: dict) -> None:

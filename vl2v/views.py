@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ CROP_SCALE, CROP_RATIO = (0.7, 1.0), (3 / 4, 4 / 3)
 JITTER = 0.3  # brightness, contrast, saturation and hue strength
 GRAYSCALE_P = 0.1
 N_PARAMS = 14  # length of ViewParams.to_array()
+# torchvision draws from torch's global generator: threads drawing views at once (a teacher
+# server's client renders views in its request threads) take turns, or they would reseed each other.
+_DRAWING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def draw_view(image_size: tuple[int, int], seed: int) -> ViewParams:
     """The parameters torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter and
     RandomGrayscale would draw for an image of `image_size` (width, height), from `seed` alone."""
     width, height = image_size
-    with torch.random.fork_rng(devices=[]):
+    with _DRAWING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         top, left, h, w = T.RandomResizedCrop.get_params(Image.new("L", (width, height)), list(CROP_SCALE), list(CROP_RATIO))
         flip = bool(torch.rand(1) < 0.5)
