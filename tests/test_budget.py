@@ -49,17 +49,40 @@ def test_every_prefix_of_the_order_is_stratified(tmp_path):
 def test_plan_within_over_and_subset(tmp_path):
     index = scan_dataset(make_dataset(tmp_path / "toy"))
     pending = index.good.tolist()
-    plan, rows = plan_queries(index, pending, 3, 0, 39)
-    assert (plan, rows) == (Plan(36, 3, 0, 0, 39), pending) and plan.queries == 39
+    plan, rows, view_rows = plan_queries(index, pending, 3, 0, 39)
+    assert (plan, rows, view_rows) == (Plan(36, 3, 0, 0, 39), pending, []) and plan.queries == 39
     assert str(plan) == "plan: 36 images + 3 prompts = 39 queries to pay (0 images cached; --max-queries 39)"
     with pytest.raises(UserError, match=r"^plan: 36 images \+ 3 prompts = 39 queries to pay \(0 images cached; --max-queries 38\), over the budget\. Options: --max-queries 39"):
         plan_queries(index, pending, 3, 0, 38)
-    plan, rows = plan_queries(index, pending, 3, 0, 21, "subset")
+    plan, rows, _ = plan_queries(index, pending, 3, 0, 21, "subset")
     assert plan == Plan(18, 3, 0, 18, 21) and len(rows) == 18 and rows == sorted(rows)
     assert set(strata(index, rows).values()) == {2}  # 9 equal strata: 2 images each
     with pytest.raises(UserError) as e:
         plan_queries(index, pending, 3, 0, 2, "subset")
     assert str(e.value).endswith(": --max-queries 2 does not cover the 3 class prompts; raise it to at least 3.")
+
+
+def test_views_are_queries_in_the_plan_and_the_subset(tmp_path):
+    index = scan_dataset(make_dataset(tmp_path / "toy"))
+    pending = index.good.tolist()
+    views = {r: 4 for r in pending}
+    plan, rows, view_rows = plan_queries(index, pending, 3, 0, None, views=views)
+    assert (rows, view_rows) == (pending, pending) and plan.queries == 36 + 36 * 4 + 3
+    assert str(plan) == "plan: 36 images + 36 images × 4 views + 3 prompts = 183 queries to pay (0 images cached)"
+    # raising K later: the images are cached, only the new views are paid
+    plan, rows, view_rows = plan_queries(index, [], 0, 36, 72, views={r: 2 for r in pending})
+    assert (rows, view_rows, plan.queries) == ([], pending, 72)
+    assert str(plan) == "plan: 0 images + 36 images × 2 views + 0 prompts = 72 queries to pay (36 images cached; --max-queries 72)"
+    with pytest.raises(UserError) as e:
+        plan_queries(index, pending, 3, 0, 50, views=views)
+    assert str(e.value) == (
+        "plan: 36 images + 36 images × 4 views + 3 prompts = 183 queries to pay (0 images cached; --max-queries 50), over the budget. "
+        "Options: --max-queries 183 to pay for all of it; --budget subset to embed 9 of the 36 images, each with its views, "
+        "stratified by domain × class; or fewer prompt templates (--prompts) or views (--views)."
+    )
+    plan, rows, view_rows = plan_queries(index, pending, 3, 0, 50, "subset", views)  # 47 queries: 9 images with 4 views each
+    assert plan == Plan(9, 3, 0, 27, 50, 36, 9) and plan.queries == 48 and rows == view_rows
+    assert set(strata(index, rows).values()) == {1}
 
 
 def test_subset_cache_trains_only_on_images_with_targets(tmp_path, tiny_teacher, caplog):

@@ -114,7 +114,7 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     # manifest: provenance, dataset fingerprint, shard list, queries
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == targets.manifest
-    assert manifest["format_version"] == 2 and manifest["vl2v_version"] == vl2v.__version__
+    assert manifest["format_version"] == 3 and manifest["vl2v_version"] == vl2v.__version__
     assert manifest["complete"] is True
     assert manifest["provenance"] == {
         "teacher": tiny_teacher,
@@ -139,8 +139,9 @@ def test_cache_content(dataset, tiny_teacher, tmp_path):
     }
     assert manifest["shards"] == sorted(p.name for p in out.glob("images-*.h5")) == ["images-00000.h5"]
     assert manifest["queries"] == {"images": 36, "texts": 12}
-    assert manifest["cost"] == {"image_queries": 36, "text_queries": 12, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": 0}
+    assert manifest["cost"] == {"image_queries": 36, "view_queries": 0, "text_queries": 12, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": 0}
     assert manifest["images_with_targets"] == 36 and manifest["subset"] is False
+    assert manifest["views"] == {"count": 0, "seed": 0, "queries": 0, "images_with_views": 0, "shards": []}
     # the locks stay (removing a lock file races with its next taker); no temporary file or holder note
     assert sorted(p.name for p in out.glob(".*")) == [".embed-all.lock", ".manifest.lock"]
 
@@ -366,7 +367,7 @@ def test_a_version_1_cache_still_loads_and_is_brought_up_to_date(dataset, tiny_t
         load_dataset_targets(dataset, out)
     report = run(scan_dataset(dataset), out, tiny_teacher)
     assert (report.embedded, report.reused) == (1, 35)
-    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 3
     torch.testing.assert_close(load_dataset_targets(dataset, out)[1].image, expected, atol=2e-3, rtol=0)
 
 

@@ -98,7 +98,7 @@ def teacher_spec(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(teacher_spec, tmp_path_factory):
     """One server for the module; each test is its own client with its own token (ledger account)."""
-    tokens = ["same", "faults", "garbage", "quota", "budget", "other", "kill"]
+    tokens = ["same", "faults", "garbage", "quota", "budget", "other", "kill", "views"]
     running = Server(teacher_spec, tmp_path_factory.mktemp("server") / "ledger.sqlite", tokens, QUOTA).start()
     yield running
     running.stop()
@@ -134,7 +134,7 @@ def test_a_url_builds_the_local_teachers_cache_and_pays_once(server, teacher_spe
     remote = embed_dataset(index, tmp_path / "remote", config(server.url, token="same"))
     local = embed_dataset(index, tmp_path / "local", config(teacher_spec))
     assert remote.complete and (remote.embedded, remote.text_queries) == (36, 3)
-    assert remote.cost == {"image_queries": 36, "text_queries": 3, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": remote.cost["bytes_sent"]}
+    assert remote.cost == {"image_queries": 36, "view_queries": 0, "text_queries": 3, "from_record": 0, "requests": 6, "retries": 0, "bytes_sent": remote.cost["bytes_sent"]}
     assert remote.cost["bytes_sent"] > sum((index.root / f.path).stat().st_size for f in index.files)  # the files, base64
     a, b = load_targets(tmp_path / "remote", index), load_targets(tmp_path / "local", index)
     torch.testing.assert_close(a.image, b.image, atol=1e-3, rtol=0)  # fp16 storage of the same network on the same pixels
@@ -157,6 +157,24 @@ def test_a_url_builds_the_local_teachers_cache_and_pays_once(server, teacher_spe
     assert again.cost["from_record"] == 39 and again.cost["image_queries"] == again.cost["text_queries"] == 0
     assert torch.equal(load_targets(tmp_path / "again", index).image, a.image)
     assert charged(server.ledger, "same")["images"] == 36
+
+
+def test_views_go_out_rendered_and_match_the_local_teachers_paid_once(server, teacher_spec, tmp_path):
+    index = scan_dataset(make_dataset(tmp_path / "toy", per_class=1))  # 9 images + 18 views + 3 prompts: within the quota
+    remote = embed_dataset(index, tmp_path / "remote", config(server.url, token="views", views=2))
+    embed_dataset(index, tmp_path / "local", config(teacher_spec, views=2))
+    assert remote.complete and (remote.embedded, remote.views_embedded) == (9, 18)
+    assert (remote.cost["image_queries"], remote.cost["view_queries"], remote.cost["text_queries"]) == (9, 18, 3)
+    a, b = load_targets(tmp_path / "remote", index, views=True).views, load_targets(tmp_path / "local", index, views=True).views
+    assert np.array_equal(a.params.array, b.params.array)  # drawn from (seed, path, k) on either side
+    # the server decodes the PNG of the view rendered at its input size: the local teacher's input exactly
+    np.testing.assert_allclose(a.embedding.astype(np.float32), b.embedding.astype(np.float32), atol=2e-3, rtol=0)
+    assert charged(server.ledger, "views") == {"images": 27, "texts": 3, "recorded_images": 27, "recorded_texts": 3}
+    assert read_manifest(tmp_path / "remote")["views"]["queries"] == 18
+
+    again = embed_dataset(index, tmp_path / "again", config(server.url, token="views", views=2))  # the same PNGs: the same keys
+    assert again.cost["from_record"] == 30 and again.cost["view_queries"] == again.cost["image_queries"] == 0
+    assert charged(server.ledger, "views")["images"] == 27
 
 
 def test_moved_weights_still_match_their_cache(teacher_spec, tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def context(setup, **kw) -> Context:
 
 
 def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(images.clone(), rows.clone()) for images, rows in loader]
+    return [(images.clone(), rows.clone()) for images, rows, _ in loader]
 
 
 def test_step_batches_are_a_pure_function_of_seed_env_and_step(setup):
@@ -253,7 +253,7 @@ def test_batch_rows_come_from_each_training_domains_in_split(setup):
         train_domains = [d for d in range(3) if d != env]
         seen = {d: set() for d in train_domains}
         for step in range(40):
-            rows, _ = batches.rows(step)
+            rows, *_ = batches.rows(step)
             assert len(rows) == 10
             for k, d in enumerate(train_domains):  # concatenated in domain order
                 chunk = rows[k * 5 : (k + 1) * 5]
@@ -272,7 +272,7 @@ def test_batch_images_are_the_images_of_their_rows(setup):
     rows = [ctx.splits["env0_in"], ctx.splits["env2_in"]]
     plain = build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)
     batches = StepBatches(ctx.index.root, paths, rows, 3, plain, (0, 1), 0, 4)
-    for images, batch_rows in step_loader(batches, 0, False):
+    for images, batch_rows, _ in step_loader(batches, 0, False):
         for image, row in zip(images, batch_rows.tolist()):
             assert torch.equal(image, plain(load_rgb(ctx.index.root / paths[row])))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,10 @@ def test_the_same_view_at_the_same_size_is_pixel_identical_for_teacher_and_stude
     small, large = render_view(smooth, view, 16, MEAN, STD), render_view(smooth, view, 64, MEAN, STD)
     shrunk = torch.nn.functional.interpolate(large[None], size=16, mode="area")[0]
     assert small.shape == (3, 16, 16) and (small - shrunk).abs().mean() < 0.05  # the same region at another size
+
+
+def test_views_drawn_in_threads_at_once_are_the_views_drawn_alone():
+    """torchvision draws from torch's global generator; a teacher server's client draws in threads."""
+    alone = [draw_view((40, 30), seed) for seed in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda seed: draw_view((40, 30), seed), range(64))) == alone

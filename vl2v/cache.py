@@ -5,6 +5,7 @@ Layout of a cache folder (default `cache/<dataset>/<teacher>/`):
     text.h5                  classes, templates, per-template [C, T, D] and class [C, D] embeddings
     images-00000.h5, ...     rows: path, size, mtime_ns, sha256, ok, embedding [N, D] (fp16 by default)
     images-p2of4-00000.h5    shards written by `--shard 2/4`
+    views-k0000-0004-00000.h5, views-*.npy   augmented views' embeddings (see vl2v.viewcache)
     .embed-*.lock, .manifest.lock   file locks (see `part_lock`, `manifest_lock`)
     cost.json, cost-p2of4.json   what each part paid the teacher: queries, requests, retries, bytes
 A shard is written under a temporary name and renamed when complete, so a shard that exists is
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import h5py
 import numpy as np
@@ -37,16 +38,21 @@ from vl2v import __version__
 from vl2v.data import DatasetIndex, ImageFile, hash_files, scan_dataset
 from vl2v.runtime import UserError, atomic_write_json
 
+if TYPE_CHECKING:
+    from vl2v.viewcache import ViewTargets
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TEXT = "text.h5"
 SHARD_RE = re.compile(r"^images-(?:p(\d+)of(\d+)-)?(\d{5})\.h5$")
 COST_RE = re.compile(r"^cost(?:-p\d+of\d+)?\.json$")
-COST_KEYS = ("image_queries", "text_queries", "from_record", "requests", "retries", "bytes_sent")
+COST_KEYS = ("image_queries", "view_queries", "text_queries", "from_record", "requests", "retries", "bytes_sent")
 # 2: shards store each image's sha256 and the dataset fingerprint leaves out mtimes. Version-1
 # caches still load: their rows match by size and mtime, their fingerprint is checked as written.
-FORMAT_VERSION = 2
+# 3: view shards (vl2v.viewcache) and the manifest's `views` section; a version-1 or 2 cache is a
+# cache without views.
+FORMAT_VERSION = 3
 
 
 def default_cache_dir(cache_root: Path, dataset_name: str, teacher_slug: str) -> Path:
@@ -148,23 +154,23 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> N
     os.replace(tmp, path)
 
 
+def row_keys(index: DatasetIndex, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The key columns of a shard's rows: relative path, size, mtime and sha256 of each file."""
+    hash_files(index, [int(r) for r in rows if index.files[r].sha256 is None])  # a scan without decoding
+    files = [index.files[r] for r in rows]
+    return {
+        "path": np.array([f.path for f in files], dtype=str),
+        "size": np.array([f.size for f in files], dtype=np.int64),
+        "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
+        "sha256": np.array([f.sha256 or "" for f in files], dtype="S64"),  # "": unreadable now
+    }
+
+
 def write_shard(path: Path, index: DatasetIndex, rows: np.ndarray, emb: np.ndarray, ok: np.ndarray, queries: int | None = None) -> None:
     """One shard: dataset rows `rows` with their [N, D] embeddings and decode flags. `queries`:
     teacher queries it cost (default: its decoded images; 0 for rows copied from other shards)."""
-    hash_files(index, [int(r) for r in rows if index.files[r].sha256 is None])  # a scan without decoding
-    files = [index.files[r] for r in rows]
-    write_h5_atomic(
-        path,
-        {
-            "path": np.array([f.path for f in files], dtype=str),
-            "size": np.array([f.size for f in files], dtype=np.int64),
-            "mtime_ns": np.array([f.mtime_ns for f in files], dtype=np.int64),
-            "sha256": np.array([f.sha256 or "" for f in files], dtype="S64"),  # "": unreadable now
-            "ok": ok.astype(bool),
-            "embedding": emb,
-        },
-        {"image_queries": int(ok.sum()) if queries is None else queries},
-    )
+    arrays = {**row_keys(index, rows), "ok": ok.astype(bool), "embedding": emb}
+    write_h5_atomic(path, arrays, {"image_queries": int(ok.sum()) if queries is None else queries})
 
 
 class CachedRow(NamedTuple):
@@ -209,8 +215,9 @@ def _match(f: ImageFile, rows: list[CachedRow]) -> CachedRow | None:
     return (timed or same)[-1] if same else None
 
 
-def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, CachedRow], np.ndarray]:
-    """Which dataset rows the shards already hold: {row: CachedRow}, and a decode-failed mask.
+def match_rows(index: DatasetIndex, cache_dir: Path, shards: list[Path] | None = None) -> tuple[dict[int, CachedRow], np.ndarray]:
+    """Which dataset rows the shards (default: the image shards) already hold: {row: CachedRow},
+    and a decode-failed mask.
 
     Rows are keyed by relative path and content, never content alone (equal files in two class
     folders are two images). An index from a decoding scan knows every file's sha256; one from a
@@ -218,7 +225,7 @@ def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, CachedRo
     settle, so a copied dataset is recognised at the cost of reading its files once more."""
     wanted = {f.path for f in index.files}
     cached: dict[str, list[CachedRow]] = {}
-    for shard in list_shards(cache_dir):
+    for shard in list_shards(cache_dir) if shards is None else shards:
         for path, row in read_shard_rows(shard):
             if path in wanted:
                 cached.setdefault(path, []).append(row)
@@ -237,18 +244,19 @@ def match_rows(index: DatasetIndex, cache_dir: Path) -> tuple[dict[int, CachedRo
     return found, failed
 
 
-def read_embeddings(rows: list[CachedRow], out: np.ndarray | None = None, at: list[int] | None = None) -> np.ndarray:
-    """The stored embeddings of `rows` written into `out[at]` (default: a new [len(rows), D] array
-    of the stored dtype, in order); one contiguous read per shard, then a gather in memory."""
+def read_embeddings(rows: list[CachedRow], out: np.ndarray | None = None, at: list[int] | None = None, name: str = "embedding") -> np.ndarray:
+    """The stored embeddings (or another per-row dataset `name`) of `rows` written into `out[at]`
+    (default: a new [len(rows), ...] array of the stored dtype, in order); one contiguous read per
+    shard, then a gather in memory."""
     at = list(range(len(rows))) if at is None else at
     by_shard: dict[Path, list[int]] = {}
     for k, row in enumerate(rows):
         by_shard.setdefault(row.shard, []).append(k)
     for shard, ks in by_shard.items():
         with h5py.File(shard, "r") as f:
-            emb = f["embedding"][()]
+            emb = f[name][()]
         if out is None:
-            out = np.zeros((len(rows), emb.shape[1]), dtype=emb.dtype)
+            out = np.zeros((len(rows), *emb.shape[1:]), dtype=emb.dtype)
         out[[at[k] for k in ks]] = emb[[rows[k].pos for k in ks]]
     return out
 
@@ -382,6 +390,7 @@ class Targets:
     logit_scale: float
     manifest: dict
     unreadable: torch.Tensor | None = None  # [N] bool: failed to decode when embedded
+    views: ViewTargets | None = None  # the augmented views' targets, when asked for and the cache has views
 
     @property
     def embed_dim(self) -> int:
@@ -392,8 +401,9 @@ def _fix_command(index: DatasetIndex, cache_dir: Path, teacher: str) -> str:
     return f"vl2v embed '{index.root}' --teacher '{teacher}' --cache-dir '{cache_dir}'"
 
 
-def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = None) -> Targets:
-    """Load a complete cache that matches `index` (and `teacher`, if given) or refuse."""
+def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = None, views: bool = False) -> Targets:
+    """Load a complete cache that matches `index` (and `teacher`, if given) or refuse. `views`: also
+    the teacher's embeddings of the cache's augmented views, if it has any (memory-mapped)."""
     cache_dir = Path(cache_dir)
     if teacher is not None:  # the stored form: config and weight paths made absolute
         from vl2v.teacher import is_built_by, parse_teacher_spec
@@ -427,7 +437,7 @@ def load_targets(cache_dir: Path, index: DatasetIndex, teacher: str | None = Non
             f"Cache {cache_dir} does not match {index.root}: {len(missing)} file(s) new or changed, "
             f"{stale} removed since it was built. Update it (only those are embedded): {fix}"
         )
-    return _gather(cache_dir, index, found, failed, manifest)
+    return _gather(cache_dir, index, found, failed, manifest, views)
 
 
 def _missing(index: DatasetIndex, found: dict[int, CachedRow], dataset: dict, unchanged: bool) -> list[str]:
@@ -462,7 +472,7 @@ def _fingerprint(index: DatasetIndex, format_version: int) -> str:
     return h.hexdigest()
 
 
-def _gather(cache_dir: Path, index: DatasetIndex, found: dict[int, CachedRow], failed: np.ndarray, manifest: dict) -> Targets:
+def _gather(cache_dir: Path, index: DatasetIndex, found: dict[int, CachedRow], failed: np.ndarray, manifest: dict, views: bool) -> Targets:
     text = read_text(cache_dir)
     image = np.zeros((len(index.files), text["class_embedding"].shape[1]), dtype=np.float32)
     read_embeddings(list(found.values()), image, list(found))
@@ -475,15 +485,27 @@ def _gather(cache_dir: Path, index: DatasetIndex, found: dict[int, CachedRow], f
     for i, f in enumerate(index.files):
         if i not in found and f.path in known and _same_file(f, known[f.path]):
             unreadable[i] = True
+    view_targets = None
+    if views and view_count(manifest):
+        from vl2v.viewcache import load_view_targets
+
+        view_targets = load_view_targets(cache_dir, index, manifest["views"])
+        valid &= view_targets.valid  # a --budget subset cache: images with all their views
     text_emb = torch.from_numpy(text["class_embedding"])
-    return Targets(torch.from_numpy(image), torch.from_numpy(valid), text_emb, text["logit_scale"], manifest, torch.from_numpy(unreadable))
+    return Targets(torch.from_numpy(image), torch.from_numpy(valid), text_emb, text["logit_scale"], manifest, torch.from_numpy(unreadable), view_targets)
 
 
-def load_dataset_targets(dataset_root: Path, cache_dir: Path) -> tuple[DatasetIndex, Targets]:
+def view_count(manifest: dict | None) -> int:
+    """Views per image a cache holds (0 for caches before format version 3)."""
+    return int(((manifest or {}).get("views") or {}).get("count", 0))
+
+
+def load_dataset_targets(dataset_root: Path, cache_dir: Path, views: bool = False) -> tuple[DatasetIndex, Targets]:
     """List the dataset (no decoding) and take which of its images are unreadable from the cache.
-    Images without a target (a `--budget subset` cache) stay usable for evaluation."""
+    Images without a target (a `--budget subset` cache) stay usable for evaluation. `views`: as
+    `load_targets`."""
     index = scan_dataset(dataset_root, check_images=False)
-    targets = load_targets(cache_dir, index)
+    targets = load_targets(cache_dir, index, views=views)
     for f, bad in zip(index.files, targets.unreadable.tolist()):
         if bad and f.error is None:
             f.error = "unreadable (found when embedding)"

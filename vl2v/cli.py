@@ -183,16 +183,18 @@ def embed(
     store_dtype: Annotated[str, typer.Option(help="Storage of image embeddings: fp16 or fp32.")] = "fp16",
     shard: Annotated[Optional[str], typer.Option(help="Do part I of N (e.g. 2/4), for several GPUs or machines. \\[default: all; under torchrun, one part per process]", show_default=False)] = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Images per HDF5 shard. \\[default: 8192; a teacher server: --batch-size, each answer written as it arrives]", show_default=False)] = None,
-    max_queries: Annotated[Optional[int], typer.Option(help="The most teacher queries (images + prompts) this run may pay for; the plan is checked before paying. \\[default: no limit]", show_default=False)] = None,
+    max_queries: Annotated[Optional[int], typer.Option(help="The most teacher queries (images + views + prompts) this run may pay for; the plan is checked before paying. \\[default: no limit]", show_default=False)] = None,
     budget: Annotated[str, typer.Option(help="Over --max-queries: refuse, or subset (embed a subset stratified by domain × class that fits).")] = "refuse",
     token: Annotated[Optional[str], typer.Option(help=TokenHelp, show_default=False)] = None,
     in_flight: Annotated[int, typer.Option(help="Requests to a teacher server at once.")] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds per request to a teacher server.")] = 300.0,
     retries: Annotated[int, typer.Option(help="Retries of a failed request (connection errors, timeouts, 5xx, 429), with exponential backoff.")] = 5,
+    views: Annotated[int, typer.Option(help="Augmented views per image for the teacher to embed too (each one query; training then uses them). A cache keeps the views it has: raising K embeds only the new ones.")] = 0,
+    view_seed: Annotated[Optional[int], typer.Option(help="Seed the views are drawn from. \\[default: the cache's, else 0]", show_default=False)] = None,
     strict: StrictOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the teacher once over every image and class prompt into the HDF5 cache (resumable)."""
+    """Run the teacher once over every image and class prompt (and K augmented views) into the HDF5 cache (resumable)."""
     from vl2v.cache import load_targets
     from vl2v.embed import EmbedConfig, embed_all_parts, embed_dataset
     from vl2v.evaluate import teacher_zero_shot
@@ -200,7 +202,7 @@ def embed(
 
     cfg = EmbedConfig(
         teacher, prompts, batch_size, workers, device, precision, store_dtype, shard_size, parse_shard(shard or "1/1"),
-        max_queries, budget, token, in_flight, timeout, retries,
+        max_queries, budget, token, in_flight, timeout, retries, views, view_seed,
     )
     index = scan(root, strict)
     cache_dir = cache_dir or default_cache_dir(index, teacher)

@@ -42,6 +42,8 @@ class TrainConfig:
     checkpoint_freq: int = setting(200, "Validate and checkpoint every N steps.", shown="200; DomainNet 1000")
     model_save: int = setting(100, "best.pt (what Distill starts from) is the best training-domain validation checkpoint at a step ≥ N, ties to the later.")
     freeze_bn: bool = setting(True, "Keep BatchNorm layers in eval mode.")
+    views: str = setting("auto", "auto: train on the cache's augmented views when it has them (each sampled image takes a stored view; its target is the teacher's embedding of that view); off: a fresh augmentation each step and the un-augmented image's target.")
+    fast_align: str = setting("auto", "auto: with cached views and a featurizer that is frozen and in eval mode, compute its features once (RUN/features/) and train the projection on them; off: run the featurizer at every step.", methods=("align",))
     lmd: float = setting(0.5, "Weight of the image-embedding term of the Align/Distill loss.", methods=("align", "distill"))
     kd_temperature: float = setting(4.0, "KD: softmax temperature of teacher and student logits.", methods=("kd",))
     kd_weight: float = setting(0.5, "KD: weight of the KL term (1 − it weighs the label cross-entropy).", methods=("kd",))
@@ -78,6 +80,9 @@ class TrainConfig:
             raise UserError(f"--log must be one of {', '.join(LOGS)}, not '{self.log}'.")
         if self.parallel not in PARALLEL:
             raise UserError(f"--parallel must be one of {', '.join(PARALLEL)}, not '{self.parallel}'.")
+        for name in ("views", "fast_align"):
+            if getattr(self, name) not in AUTO_OFF:
+                raise UserError(f"--{name.replace('_', '-')} must be auto or off, not '{getattr(self, name)}'.")
         object.__setattr__(self, "test_envs", tuple(self.test_envs))
         if NO_TEST_ENV in self.test_envs and len(self.test_envs) > 1:
             raise UserError("--test-env none (train on every domain) cannot be combined with held-out domains.")
@@ -93,6 +98,7 @@ class TrainConfig:
 
 LOGS = ("none", "tensorboard")
 PARALLEL = ("auto", "domains", "ddp")
+AUTO_OFF = ("auto", "off")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _TYPES = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float)),
           str: ("a string", (str,)), dict: ("a JSON object", (dict,)), tuple: ("a list of domain names", (list, tuple))}

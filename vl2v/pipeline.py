@@ -86,6 +86,7 @@ def run_all(root: Path, cfg: TrainConfig, methods: list[str], trials: int = 1, e
     """Embed if a method needs the teacher, then train every method for each trial seed on the same
     splits, seeds and batches. Returns the comparison rows: the teacher's zero-shot (when a cache was
     used), then each method's."""
+    from vl2v.cache import read_manifest, view_count
     from vl2v.data import scan_dataset
     from vl2v.results import collect
 
@@ -96,12 +97,14 @@ def run_all(root: Path, cfg: TrainConfig, methods: list[str], trials: int = 1, e
     index = scan_dataset(root, progress=progress)
     if any(get_method(m).needs_cache for m in order):
         cache_dir = embed_for_training(index, cache_dir, teacher, prompts, cfg, progress)
+    views = cache_dir is not None and cfg.views == "auto" and view_count(read_manifest(cache_dir)) > 0
     for trial in range(trials):
         for m in order:
             start = get_method(m).starts_from
             from_run = method_run_dir(experiment, trial, start) if start else None
             mcfg = dataclasses.replace(cfg, method=m, trial_seed=trial)
-            train(index.root, mcfg, method_run_dir(experiment, trial, m), cache_dir if get_method(m).needs_cache else None, teacher, from_run, progress)
+            uses_cache = get_method(m).needs_cache or views  # with views, every method trains on the same cached views
+            train(index.root, mcfg, method_run_dir(experiment, trial, m), cache_dir if uses_cache else None, teacher, from_run, progress)
     rows = collect(experiment)
     return ([teacher_row(index, cache_dir, cfg, trials)] if cache_dir else []) + rows
 

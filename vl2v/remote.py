@@ -1,6 +1,7 @@
 """A teacher behind a server: `--teacher http(s)://HOST:PORT` (vl2v.serve, wire format vl2v.protocol).
 
-Image files go out as stored, a batch per request, several requests in flight. Every item carries
+Image files go out as stored, a batch per request, several requests in flight; augmented views
+(`vl2v embed --views K`) are rendered here and go out as lossless PNGs. Every item carries
 its content hash as idempotency key, so whatever the server already answered (a killed run's
 requests in flight, a retry after a dropped connection) is answered again without being charged.
 Connection errors, timeouts, 5xx and 429 with Retry-After are retried with exponential backoff and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import io
 import json
 import logging
 import os
@@ -19,15 +21,19 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vl2v import protocol
+from vl2v.data import load_rgb
 from vl2v.runtime import UserError
 from vl2v.teacher import describe_identity
+from vl2v.views import N_PARAMS, ViewParams, render_view_image, stored_views
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ class RemoteTeacher:
         except (httpx.InvalidURL, ValueError) as e:
             raise UserError(f"--teacher {url}: not a teacher server URL ({_first_line(e)}).") from None
         self.lock = threading.Lock()
-        self.paid = {"image_queries": 0, "text_queries": 0, "from_record": 0, "requests": 0, "retries": 0, "bytes_sent": 0}
+        self.paid = {"image_queries": 0, "view_queries": 0, "text_queries": 0, "from_record": 0, "requests": 0, "retries": 0, "bytes_sent": 0}
         self.info = self._send("GET", protocol.INFO, first_contact=True)
         try:
             self._identity = {"model": str(self.info["identity"]["model"]), "weights": str(self.info["identity"]["weights"])}
@@ -230,8 +236,16 @@ class RemoteTeacher:
 
     def payload(self, root: Path, path: str) -> bytes:
         """The bytes sent for one image: its file as stored (the server decodes it as a local run
-        would). Views (issue 10) will send each view rendered locally here instead."""
+        would)."""
         return (Path(root) / path).read_bytes()
+
+    def view_payloads(self, root: Path, path: str, ks: range, seed: int) -> tuple[np.ndarray, list[bytes]]:
+        """Views `ks` of one image, rendered here at the teacher's input size and encoded losslessly
+        (PNG): the server's preprocessing then finds an image of its size and only normalises it, so
+        it embeds exactly the view a local teacher renders. Also returns their [K', N_PARAMS] parameters."""
+        image = load_rgb(Path(root) / path)
+        params = stored_views(path, image.size, seed, ks)
+        return params, [_png(render_view_image(image, ViewParams.from_array(p), self.image_size)) for p in params]
 
     def _embed_files(self, root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         emb = np.zeros((len(paths), self.embed_dim), dtype=np.float32)
@@ -244,15 +258,45 @@ class RemoteTeacher:
                 log.warning("cannot read %s: %s", path, e)
                 continue
             sent.append(i)
-            items.append({"key": protocol.item_key("image", data), "data": base64.b64encode(data).decode("ascii")})
+            items.append(_image_item(data))
         if items:
             emb[sent], ok[sent] = self._embed(protocol.IMAGES, "image", items)
         return emb, ok
 
+    def _embed_view_files(self, root: Path, paths: list[str], ks: range, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[B, K', D], [B] decoded (every view answered), [B, K', N_PARAMS] for one request."""
+        n = len(ks)
+        emb = np.zeros((len(paths), n, self.embed_dim), dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        params = np.zeros((len(paths), n, N_PARAMS), dtype=np.float32)
+        sent, items = [], []
+        for i, path in enumerate(paths):
+            try:
+                params[i], views = self.view_payloads(root, path, ks, seed)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # as a local run: a row that did not decode
+                log.warning("cannot decode %s: %s", path, e)
+                continue
+            sent.append(i)
+            items += [_image_item(data) for data in views]
+        if items:
+            got, good = self._embed(protocol.IMAGES, "view", items)
+            emb[sent], ok[sent] = got.reshape(len(sent), n, -1), good.reshape(len(sent), n).all(axis=1)
+        return emb, ok, params
+
     def encode_image_files(self, root: Path, batches: list[list[str]], workers: int = 0, precision: str = "fp32") -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """A request per batch, `in_flight` at a time, yielded as answers arrive. Decoding and
-        precision are the server's (`workers`, `precision` do not apply). After a request fails for
-        good, the others in flight are still collected (they are paid), then the error is raised."""
+        precision are the server's (`workers`, `precision` do not apply)."""
+        return self._in_flight(batches, lambda paths: self._embed_files(root, paths))
+
+    def encode_view_files(self, root: Path, batches: list[list[str]], ks: range, seed: int, workers: int = 0,
+                          precision: str = "fp32") -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """As `encode_image_files`: a request per batch holds every view of its images."""
+        return self._in_flight(batches, lambda paths: self._embed_view_files(root, paths, ks, seed))
+
+    def _in_flight(self, batches: list[list[str]], answer: Callable[[list[str]], tuple]) -> Iterator[tuple]:
+        """(batch number, *answer(batch)) for every batch, `in_flight` requests at a time, as answers
+        arrive. After a request fails for good, the others in flight are still collected (they are
+        paid), then the error is raised."""
         todo = iter(enumerate(batches))
         error = None
         with ThreadPoolExecutor(self.in_flight, thread_name_prefix="teacher-request") as pool:
@@ -261,7 +305,7 @@ class RemoteTeacher:
             def submit() -> None:
                 batch = next(todo, None)
                 if batch is not None:
-                    running[pool.submit(self._embed_files, root, batch[1])] = batch[0]
+                    running[pool.submit(answer, batch[1])] = batch[0]
 
             for _ in range(self.in_flight):
                 submit()
@@ -270,12 +314,22 @@ class RemoteTeacher:
                 for fut in done:
                     b = running.pop(fut)
                     try:
-                        emb, ok = fut.result()
+                        result = fut.result()
                     except UserError as e:
                         error = error or e
                         continue
-                    yield b, emb, ok
+                    yield (b, *result)
                     if error is None:
                         submit()
         if error is not None:
             raise error
+
+
+def _image_item(data: bytes) -> dict:
+    return {"key": protocol.item_key("image", data), "data": base64.b64encode(data).decode("ascii")}
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # lossless, and the same bytes for the same pixels: the same idempotency key
+    return buf.getvalue()

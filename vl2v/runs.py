@@ -2,6 +2,7 @@
 
     RUN/config.json            the resolved TrainConfig, dataset, cache, teacher, the run it came from
     RUN/cache_manifest.json    the manifest of the cache it trained from
+    RUN/features/              fast Align's cached featurizer outputs (vl2v.features)
     RUN/env{i}/checkpoint.pt   resume state (model, optimiser, SWAD valley, records), atomic
     RUN/env{i}/best.pt         model with the best training-domain validation accuracy
     RUN/env{i}/swad.pt         the SWAD average
@@ -48,8 +49,10 @@ def run_info(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Path | None, manifest: dict | None, from_run: Path | None) -> None:
-    """Create the run directory, or check that an existing one was made with the same settings."""
+def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Path | None, manifest: dict | None, from_run: Path | None,
+            views: dict | None = None) -> None:
+    """Create the run directory, or check that an existing one was made with the same settings.
+    `views`: the cached views it trains on (count, seed), which a resumed run must find the same."""
     run_dir = Path(run_dir)
     info = {
         "config": cfg.to_json(),
@@ -57,6 +60,7 @@ def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Pat
         "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
         "teacher": manifest["provenance"]["teacher"] if manifest else None,
         "from_run": str(Path(from_run).resolve()) if from_run else None,
+        "views": views,
         "vl2v_version": __version__,
     }
     if (run_dir / CONFIG).exists():
@@ -71,7 +75,7 @@ def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Pat
 
 def _differences(old: dict, new: dict) -> list[str]:
     diff = [f"{k}: {old['config'].get(k)!r} → {v!r}" for k, v in new["config"].items() if k not in RESUMABLE and old["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
-    for key in ("dataset", "teacher", "from_run"):
+    for key in ("dataset", "teacher", "from_run", "views"):
         if old.get(key) != new[key]:
             diff.append(f"{key} differs")
     return diff

@@ -45,13 +45,21 @@ def dataset_tables(summary: dict) -> list[Table]:
 def embed_tables(summary: dict) -> list[Table]:
     """What this run paid for, and the teacher's zero-shot accuracy per domain from the cache."""
     paid = Table(title=f"teacher cache {summary['cache_dir']}" + ("" if summary["complete"] else " (incomplete: other --shard parts pending)"))
-    for col in ("embedded now", "reused", "unreadable", "text queries now", "image queries total", "text queries total"):
-        paid.add_column(col, justify="right")
+    views = summary.get("views") or 0
+    columns = ["embedded now", "reused", "unreadable", "text queries now", "image queries total", "text queries total"]
     q = summary["queries_total"]
-    paid.add_row(str(summary["embedded"]), str(summary["reused"]), str(summary["failed"]), str(summary["text_queries"]), str(q["images"]), str(q["texts"]))
+    cells = [summary["embedded"], summary["reused"], summary["failed"], summary["text_queries"], q["images"], q["texts"]]
+    if views:
+        columns[1:1], cells[1:1] = ["views now"], [summary["views_embedded"]]
+    for col in columns:
+        paid.add_column(col, justify="right")
+    paid.add_row(*(str(c) for c in cells))
     notes, cost = [], summary.get("cost") or {}
+    if views:
+        notes.append(f"{views} views per image")
     if cost.get("requests"):
-        notes.append(f"this run paid {cost['image_queries']} image + {cost['text_queries']} text queries in {cost['requests']} requests")
+        viewed = f" + {cost['view_queries']} view" if cost.get("view_queries") else ""
+        notes.append(f"this run paid {cost['image_queries']} image{viewed} + {cost['text_queries']} text queries in {cost['requests']} requests")
     if cost.get("bytes_sent"):  # a teacher server
         notes.append(f"{cost['retries']} retries, {cost['bytes_sent']:,} bytes sent, {cost['from_record']} answered from the server's record")
     if summary.get("plan", {}).get("left_out"):

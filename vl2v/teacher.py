@@ -16,6 +16,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from open_clip.pretrained import download_pretrained_from_hf
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch.utils.data import DataLoader
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from vl2v.config import DEFAULT_TEACHER  # the paper's OpenAI CLIP ViT-B/16 (QuickGELU)
 from vl2v.data import ImageDataset, suggest
 from vl2v.runtime import UserError, autocast_dtype, download_guard
+from vl2v.views import DrawnViews, ViewImages
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,12 @@ class TeacherBackend(Protocol):
         """Files `root/path`, batch by batch -> (batch number, [B, D] L2-normalised float32, [B]
         decoded), as answers arrive (a remote teacher may answer out of order)."""
 
+    def encode_view_files(self, root: Path, batches: list[list[str]], ks: range, seed: int, workers: int = 0,
+                          precision: str = "fp32") -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Views `ks` of each file (`vl2v.views`, drawn from (seed, path, k)), rendered at the teacher's
+        input size, batch by batch -> (batch number, [B, K', D] L2-normalised float32, [B] decoded,
+        [B, K', N_PARAMS] float32 view parameters). Each view is one image query."""
+
     def cost(self) -> dict:
         """What this teacher object was paid so far: queries, requests, retries, bytes sent."""
 
@@ -145,7 +153,7 @@ class Teacher:
     logit_scale: float
     device: torch.device
     weights: str  # "sha256:<hex>" of the weights file, or "random"
-    paid: dict = field(default_factory=lambda: {"images": 0, "texts": 0, "requests": 0})
+    paid: dict = field(default_factory=lambda: {"images": 0, "views": 0, "texts": 0, "requests": 0})
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -177,11 +185,8 @@ class Teacher:
         in order. A file that fails to decode gives a zero row and decoded=False."""
         amp = autocast_dtype(precision, self.device)
         paths = [p for batch in batches for p in batch]
-        starts = np.cumsum([0] + [len(b) for b in batches])
-        sampler = [list(range(starts[i], starts[i + 1])) for i in range(len(batches))]
         dataset = ImageDataset(root, paths, self.preprocess, (3, *self.image_size))
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda")
-        for b, (images, _, good) in enumerate(loader):
+        for b, (images, _, good) in enumerate(self._loader(dataset, batches, workers)):
             emb = np.zeros((len(good), self.embed_dim), dtype=np.float32)
             keep = good.nonzero().flatten()
             if len(keep):
@@ -191,9 +196,34 @@ class Teacher:
             self.paid["requests"] += 1
             yield b, emb, good.numpy()
 
+    def encode_view_files(self, root: Path, batches: list[list[str]], ks: range, seed: int, workers: int = 0,
+                          precision: str = "fp32") -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Views rendered with the teacher's own normalisation at its input size, decoded and drawn in
+        `workers` processes; one forward per batch (all its views), in order."""
+        amp = autocast_dtype(precision, self.device)
+        mean, std = normalization(self.preprocess)
+        dataset = ViewImages(root, [p for batch in batches for p in batch], DrawnViews(seed, ks), self.image_size, mean, std)
+        for b, (views, params, good) in enumerate(self._loader(dataset, batches, workers)):
+            emb = np.zeros((len(good), len(ks), self.embed_dim), dtype=np.float32)
+            keep = good.nonzero().flatten()
+            if len(keep):
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                    flat = self.encode_images(views[keep].flatten(0, 1)).cpu().numpy()
+                emb[keep.numpy()] = flat.reshape(len(keep), len(ks), -1)
+            self.paid["views"] += len(keep) * len(ks)
+            self.paid["requests"] += 1
+            yield b, emb, good.numpy(), params.numpy()
+
+    def _loader(self, dataset, batches: list[list[str]], workers: int) -> DataLoader:
+        """`dataset` (one item per path of `batches`, flattened) loaded batch by batch."""
+        starts = np.cumsum([0] + [len(b) for b in batches])
+        sampler = [list(range(starts[i], starts[i + 1])) for i in range(len(batches))]
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda")
+
     def cost(self) -> dict:
         """Queries and forward passes (`requests`) so far; nothing is sent anywhere."""
-        return {"image_queries": self.paid["images"], "text_queries": self.paid["texts"], "from_record": 0, "requests": self.paid["requests"], "retries": 0, "bytes_sent": 0}
+        return {"image_queries": self.paid["images"], "view_queries": self.paid["views"], "text_queries": self.paid["texts"], "from_record": 0,
+                "requests": self.paid["requests"], "retries": 0, "bytes_sent": 0}
 
     def provenance(self) -> dict:
         return {
@@ -205,6 +235,14 @@ class Teacher:
             "preprocess": str(self.preprocess),
             "random_init": self.random_init,
         }
+
+
+def normalization(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the Normalize step of a teacher's preprocessing: what its views are normalised with."""
+    for step in getattr(preprocess, "transforms", []):
+        if isinstance(step, T.Normalize):
+            return tuple(float(x) for x in step.mean), tuple(float(x) for x in step.std)
+    raise UserError(f"The teacher's preprocessing has no Normalize step to render views with: {preprocess}")
 
 
 def _check_model(model: str) -> None:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from vl2v import runs, selection
-from vl2v.batches import EvalImages, StepBatches, step_loader
+from vl2v.batches import EvalImages, StepBatches, StudentViews, step_loader
 from vl2v.cache import Targets, load_dataset_targets
+from vl2v.features import EvalFeatures, FastFeatures, feature_dir, prepare_fast_features, train_mode_effect
 from vl2v.config import TrainConfig
 from vl2v.data import DatasetIndex, all_splits, build_eval_transform, build_train_transform, scan_dataset, seed_hash
 from vl2v.evaluate import predict_logits
@@ -46,6 +47,12 @@ class Context:
     ddp: bool = False  # every process trains a slice of each step's batch (DistributedDataParallel)
     data_cfg: DataConfig | None = None
     eval_images: EvalImages | None = None
+    eval_features: EvalFeatures | None = None  # fast Align: the held-out domain's cached evaluation features
+
+    @property
+    def views(self):
+        """The cache's views when training uses them (`--views auto` and a cache with views), else None."""
+        return self.targets.views if self.targets is not None else None
 
 
 def held_out_envs(cfg: TrainConfig, index: DatasetIndex) -> list[int | None]:
@@ -61,7 +68,7 @@ def train_run(dataset_root: Path, cache_dir: Path | None, cfg: TrainConfig, run_
     Returns the run's final records per held-out domain."""
     method = get_method(cfg.method)
     if cache_dir is not None:
-        index, targets = load_dataset_targets(dataset_root, cache_dir)
+        index, targets = load_dataset_targets(dataset_root, cache_dir, views=cfg.views == "auto")
         teacher = targets.manifest["provenance"]["teacher"]
     else:
         index, targets = scan_dataset(dataset_root), None  # decodes every image once: no cache to say which fail
@@ -70,7 +77,11 @@ def train_run(dataset_root: Path, cache_dir: Path | None, cfg: TrainConfig, run_
     check_student(cfg, teacher)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
-    runs.prepare(run_dir, cfg, index, cache_dir, targets.manifest if targets else None, from_run)
+    views = targets.views if targets else None
+    if views is not None:
+        log.info("training on the cache's %d views per image (--views auto): each sampled image is one of its views, its target the teacher's embedding of that view", views.count)
+    runs.prepare(run_dir, cfg, index, cache_dir, targets.manifest if targets else None, from_run,
+                 views={"count": views.count, "seed": views.seed} if views else None)
     labels = torch.tensor([f.label for f in index.files])
     splits = all_splits(index, cfg.trial_seed, cfg.holdout)
     me = launch()
@@ -129,8 +140,11 @@ def set_train_mode(model: Student, freeze_bn: bool) -> None:
 def evaluate(ctx: Context, model: Student, env: int | None) -> dict:
     """DomainBed-style figures: env{i}_{in,out}_acc for every domain, the held-out domain's
     whole-domain accuracy, and the training domains' out-split accuracy and loss (`tr_outloss`)."""
-    logits = predict_logits(model, ctx.eval_images, ctx.device, ctx.amp)
-    position = {int(r): i for i, r in enumerate(ctx.eval_images.rows)}
+    if ctx.eval_features is not None:  # fast Align: the frozen featurizer's outputs, computed once
+        logits, rows = predict_logits(model.head, ctx.eval_features, ctx.device, ctx.amp), ctx.eval_features.rows
+    else:
+        logits, rows = predict_logits(model, ctx.eval_images, ctx.device, ctx.amp), ctx.eval_images.rows
+    position = {int(r): i for i, r in enumerate(rows)}
     record, train_out = {}, []
     for name, rows in ctx.splits.items():
         pos = torch.tensor([position[int(r)] for r in rows], dtype=torch.long)
@@ -151,38 +165,78 @@ def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = N
     """The training batches of steps start..stop-1 (default: to the end); builds the evaluation
     images on first use."""
     cfg, index, data_cfg = ctx.cfg, ctx.index, ctx.data_cfg
-    paths = [f.path for f in index.files]
     if ctx.eval_images is None and (not ctx.ddp or launch().rank == 0):  # under DDP rank 0 evaluates
-        rows = np.sort(np.concatenate(list(ctx.splits.values())))
         size = (3, data_cfg.image_size, data_cfg.image_size)
         transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
-        ctx.eval_images = EvalImages(index.root, paths, rows, transform, size, cfg.eval_batch_size, cfg.workers)
-    in_splits = [ctx.splits[f"env{d}_in"] for d in range(len(index.domains)) if d != env]
+        ctx.eval_images = EvalImages(index.root, [f.path for f in index.files], eval_rows(ctx), transform, size, cfg.eval_batch_size, cfg.workers)
+    return step_loader(step_batches(ctx, env, start, stop), cfg.workers, ctx.device.type == "cuda")
+
+
+def eval_rows(ctx: Context) -> np.ndarray:
+    """Every row of every split, sorted: what validation predicts."""
+    return np.sort(np.concatenate(list(ctx.splits.values())))
+
+
+def training_rows(ctx: Context, env: int | None) -> list[np.ndarray]:
+    """Every training domain's "in" rows (with teacher targets, when a cache is used)."""
+    in_splits = [ctx.splits[f"env{d}_in"] for d in range(len(ctx.index.domains)) if d != env]
     if ctx.targets is not None:  # a --budget subset cache: batches draw only images with targets
         valid = ctx.targets.valid.numpy()
         in_splits = [rows[valid[rows]] for rows in in_splits]
     if any(len(r) == 0 for r in in_splits):
         raise UserError("A training domain has no images (with teacher targets, for a method that needs them) in its 'in' split; lower --holdout, add images, or embed more of them.")
+    return in_splits
+
+
+def step_batches(ctx: Context, env: int | None, start: int, stop: int | None = None) -> StepBatches:
+    """The batches of steps start..stop-1: this process's slice under DDP; the cache's views as the
+    student sees them when training uses views."""
+    cfg, data_cfg = ctx.cfg, ctx.data_cfg
+    in_splits = training_rows(ctx, env)
     transform = build_train_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
     me = launch()
     part = (me.rank, me.world_size) if ctx.ddp else (0, 1)
     if (cfg.batch_size * len(in_splits)) % part[1]:
         raise UserError(f"--parallel ddp splits each step's {cfg.batch_size * len(in_splits)} images over {part[1]} processes: choose a --batch-size that makes it divisible.")
-    batches = StepBatches(index.root, paths, in_splits, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps, part)
-    return step_loader(batches, cfg.workers, ctx.device.type == "cuda")
+    views = StudentViews(ctx.views.count, ctx.views.params, data_cfg.image_size, data_cfg.mean, data_cfg.std) if ctx.views else None
+    paths = [f.path for f in ctx.index.files]
+    return StepBatches(ctx.index.root, paths, in_splits, cfg.batch_size, transform, (cfg.seed, env_key(ctx, env)), start, stop or cfg.steps, part, views)
+
+
+def fast_align(ctx: Context, model: Student) -> FastFeatures | None:
+    """The cached features fast Align trains on, when it applies: a method that trains only the head,
+    on cached views, with a featurizer whose output does not depend on training mode; otherwise
+    None (why is logged) and the featurizer runs at every step."""
+    cfg = ctx.cfg
+    if ctx.method.trains_featurizer or cfg.fast_align == "off":
+        return None
+    if ctx.views is None:
+        why = "it needs cached views (`vl2v embed --views K`, training with --views auto): without them each step draws a fresh random augmentation, which a feature cache cannot hold"
+    else:
+        why = "it does not run under --parallel ddp" if ctx.ddp else train_mode_effect(model.featurizer, cfg.freeze_bn)
+    if why:
+        log.info("fast Align does not apply: %s; the featurizer runs at every step.", why)
+        return None
+    folder = feature_dir(ctx.run_dir, cfg.student, model.featurizer, ctx.data_cfg, ctx.amp, ctx.views)
+    rows = np.unique(np.concatenate([r for env in held_out_envs(cfg, ctx.index) for r in training_rows(ctx, env)]))
+    return prepare_fast_features(folder, model.featurizer, ctx.data_cfg, ctx.views, ctx.index.root, [f.path for f in ctx.index.files], rows,
+                                 eval_rows(ctx), cfg.eval_batch_size, cfg.workers, ctx.device, ctx.amp)
 
 
 class MethodStep(torch.nn.Module):
     """A training step's forward: the student's features (without a graph when the method freezes the
     featurizer) and the method's loss. One module, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, student: Student, method: Method, cfg: TrainConfig):
+    def __init__(self, student: Student, method: Method, cfg: TrainConfig, from_features: bool = False):
         super().__init__()
         self.student, self.method, self.cfg = student, method, cfg
+        self.from_features = from_features  # fast Align: the inputs are the featurizer's cached outputs
 
-    def forward(self, images: torch.Tensor, targets: StepTargets) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: StepTargets) -> torch.Tensor:
+        if self.from_features:
+            return self.method.loss(self.student.head, inputs, targets, self.cfg)
         with torch.set_grad_enabled(self.method.trains_featurizer):
-            features = self.student.featurizer(images)
+            features = self.student.featurizer(inputs)
         return self.method.loss(self.student.head, features, targets, self.cfg)
 
 
@@ -197,14 +251,16 @@ class Trainer:
     valley: LossValley | None
 
 
-def make_trainer(ctx: Context, env: int | None) -> Trainer:
+def make_trainer(ctx: Context, env: int | None, model: Student | None = None, from_features: bool = False) -> Trainer:
+    """`model` (default: a new one for held-out domain `env`), its optimiser, loss scaler and SWAD
+    valley; `from_features`: its steps take the featurizer's cached outputs (fast Align)."""
     cfg = ctx.cfg
-    model = build_model(ctx, env)
+    model = model or build_model(ctx, env)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp == torch.float16)
     valley = LossValley(cfg.n_converge, cfg.n_tolerance, cfg.tolerance_ratio) if cfg.swad else None
-    step_module = MethodStep(model, ctx.method, cfg)
+    step_module = MethodStep(model, ctx.method, cfg, from_features)
     if ctx.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -230,22 +286,20 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     DDP every rank trains its slice of each step's batch and only rank 0 writes."""
     cfg, method, env_dir = ctx.cfg, ctx.method, runs.env_dir(ctx.run_dir, env)
     writer = not ctx.ddp or launch().rank == 0
-    t = make_trainer(ctx, env)
+    model = build_model(ctx, env)
+    fast = fast_align(ctx, model)
+    ctx.eval_features = fast.eval if fast else None
+    t = make_trainer(ctx, env, model, from_features=fast is not None)
     state = runs.load_state(env_dir, t.model, t.optimizer, t.valley, t.scaler)
     step, records, start_best = state["step"], state["records"], state["best"]
     segment, segment_start = AveragedModel(t.model), step
-    loader = prepare_data(ctx, env, step)
-    labels = ctx.labels.to(ctx.device)
-    image_t = ctx.targets.image.to(ctx.device) if ctx.targets else None
-    text_t = ctx.targets.text.to(ctx.device) if ctx.targets else None
-    scale = ctx.targets.logit_scale if ctx.targets else 1.0
+    batches = fast.batches(step_batches(ctx, env, step)) if fast else prepare_data(ctx, env, step)
     curves = runs.Curves(env_dir, cfg.log if writer else "none", step)
-    log.info("%s: held-out %s, steps %d..%d", method.name, runs.env_name(ctx.index.domains, env), step, cfg.steps - 1)
+    log.info("%s: held-out %s, steps %d..%d%s", method.name, runs.env_name(ctx.index.domains, env), step, cfg.steps - 1, " (fast Align: cached features)" if fast else "")
+    targets_of = batch_targets(ctx)
     losses, tic = [], time.perf_counter()
-    for images, rows in loader:
-        rows = rows.to(ctx.device)
-        targets = StepTargets(labels[rows], image_t[rows] if image_t is not None else None, text_t, scale)
-        losses.append(train_step(ctx, t, images.to(ctx.device, non_blocking=True), targets))
+    for inputs, rows, ks in batches:
+        losses.append(train_step(ctx, t, inputs.to(ctx.device, non_blocking=True), targets_of(rows, ks)))
         curves.add({"loss": losses[-1]}, step)
         segment.update_parameters(t.model)
         if progress and writer:
@@ -281,6 +335,25 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     return finals
 
 
+def batch_targets(ctx: Context):
+    """`(rows, views k) -> StepTargets` of a batch: the labels, and the teacher's embeddings of the
+    views shown (gathered from the memory-mapped cache, B rows at a time) or of the plain images."""
+    labels = ctx.labels.to(ctx.device)
+    views = ctx.views
+    image_t = ctx.targets.image.to(ctx.device) if ctx.targets is not None and views is None else None
+    text_t = ctx.targets.text.to(ctx.device) if ctx.targets else None
+    scale = ctx.targets.logit_scale if ctx.targets else 1.0
+
+    def targets(rows: torch.Tensor, ks: torch.Tensor) -> StepTargets:
+        if views is not None:
+            image = views.gather(rows.numpy(), ks.numpy()).to(ctx.device, non_blocking=True)
+        else:
+            image = image_t[rows.to(ctx.device)] if image_t is not None else None
+        return StepTargets(labels[rows.to(ctx.device)], image, text_t, scale)
+
+    return targets
+
+
 def evaluate_once(ctx: Context, model: Student, env: int | None) -> dict:
     """The validation record, computed by rank 0 alone under DDP and sent to every rank, so all take
     the same decisions (best.pt, SWAD's valley, early stopping)."""
@@ -302,11 +375,11 @@ def finish_env(ctx: Context, env: int | None, model: Student, valley: LossValley
     if valley is not None:
         model.load_state_dict(valley.get_final_model().state_dict())
         model.to(ctx.device)
-        if not ctx.cfg.freeze_bn:
+        if not ctx.cfg.freeze_bn and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             # Averaged weights need their own BatchNorm statistics (SWAD's update_bn); frozen BN
             # layers keep the pretrained ones.
             batches = prepare_data(ctx, env, 0, min(ctx.cfg.steps, BN_UPDATE_STEPS))
-            update_bn((images.to(ctx.device) for images, _ in batches), model)
+            update_bn((images.to(ctx.device) for images, *_ in batches), model)
         atomic_torch_save(model.state_dict(), env_dir / "swad.pt")
         swad = {"step": records[-1]["step"], **evaluate(ctx, model, env)}
         finals.append(runs.final_record(selection.SWAD, domain, env, swad))
