@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from conftest import make_dataset, train_method, write_tiny_teacher
 from test_train import STRIP, TINY, context, weights_equal
@@ -25,7 +26,7 @@ from vl2v.runtime import load_checkpoint
 from vl2v.student import DataConfig
 from vl2v.teacher import Teacher, create_teacher, normalization
 from vl2v.runtime import UserError
-from vl2v.train import batch_targets, prepare_data, step_batches
+from vl2v.train import batch_targets, prepare_data, segment_average, step_batches
 from vl2v.viewcache import list_view_shards
 from vl2v.views import ViewParams, render_view
 
@@ -182,6 +183,21 @@ def test_fast_align_is_refused_with_batchnorm_in_training_mode(cached, caplog):
     with caplog.at_level(logging.INFO, logger="vl2v.train"):
         train_method("align", root, {**FLAGS, "steps": 2, "test_envs": ("art",), "views": "off"}, tmp / "runs" / "noviews", cache)
     assert "fast Align does not apply: it needs cached views (`vl2v embed --views K`, training with --views auto)" in caplog.text
+
+
+def test_swad_segments_average_the_trainable_parameters_as_torch_does_and_keep_the_frozen():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)  # as Align's featurizer
+    ours, torchs = segment_average(model), AveragedModel(model)
+    frozen = model[0].weight.clone()
+    for _ in range(4):
+        with torch.no_grad():
+            model[1].weight.add_(torch.randn(2, 3))
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    assert torch.equal(ours.module[1].weight, torchs.module[1].weight) and torch.equal(ours.module[1].bias, torchs.module[1].bias)
+    assert torch.equal(ours.module[0].weight, frozen) and not torch.equal(ours.module[1].weight, model[1].weight)
 
 
 def test_a_feature_file_resumes_where_a_killed_build_stopped(tmp_path):
