@@ -14,6 +14,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from conftest import make_dataset, train_method, write_tiny_teacher
+from test_cli_train import TINY as CLI_TINY
+from test_cli_train import invoke, ok_json
 from test_train import STRIP, TINY, context, weights_equal
 from vl2v import runs
 from vl2v.batches import StepBatches
@@ -258,3 +260,21 @@ def test_a_run_resumed_on_a_cache_whose_views_changed_is_refused(cached):
         train_method("align", root, flags, run_dir, plain)
     with pytest.raises(UserError, match=r"^--views must be auto or off, not 'on'\.$"):
         TrainConfig(views="on")
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_views_and_fast_align_from_the_cli(tmp_path, tiny_teacher, monkeypatch):
+    root = make_dataset(tmp_path / "toy", per_class=3)
+    monkeypatch.setenv("VL2V_CACHE", str(tmp_path / "cache"))
+    embed = ok_json("embed", root, "--teacher", tiny_teacher, "--workers", "0", "--batch-size", "16", "--views", "2")
+    assert (embed["views"], embed["views_embedded"], embed["plan"]["queries"]) == (2, 54, 27 + 54 + 3)
+    args = ["align", root, *CLI_TINY, "--teacher", tiny_teacher, "--steps", "3", "--checkpoint-freq", "2", "--test-env", "art"]
+    fast = ok_json(*args, "--run-dir", tmp_path / "fast")
+    step = ok_json(*args, "--run-dir", tmp_path / "per-step", "--fast-align", "off")
+    assert fast["art"]["SWAD"]["tr_outloss"] == pytest.approx(step["art"]["SWAD"]["tr_outloss"], abs=1e-5)
+    assert (tmp_path / "fast" / "features").is_dir() and not (tmp_path / "per-step" / "features").exists()
+    assert runs.run_info(tmp_path / "fast")["config"]["views"] == "auto" and runs.run_info(tmp_path / "fast")["views"]["count"] == 2
+    bad = invoke(*args, "--run-dir", tmp_path / "bad", "--fast-align", "sometimes")
+    assert bad.exit_code == 2 and "--fast-align must be auto or off, not 'sometimes'." in bad.stderr
