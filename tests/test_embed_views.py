@@ -143,6 +143,26 @@ def test_the_cache_keeps_its_view_seed(dataset, tiny_teacher, tmp_path, seen):
     np.testing.assert_array_equal(params, stored_views(path, load_rgb(dataset / path).size, 5, range(2))[1])
 
 
+def test_touched_files_keep_their_views_without_a_query(dataset, tiny_teacher, tmp_path, seen):
+    index = scan_dataset(dataset)
+    embed_dataset(index, tmp_path / "cache", config(tiny_teacher, views=2))
+    before = load_targets(tmp_path / "cache", index, views=True).views
+    for f in index.files:  # as a copied dataset: the same bytes, new modification times
+        os.utime(dataset / f.path, ns=(0, (dataset / f.path).stat().st_mtime_ns + 10**9))
+    seen.clear()
+    report = embed_dataset(scan_dataset(dataset), tmp_path / "cache", config(tiny_teacher))
+    assert seen == [] and (report.embedded, report.views_embedded, report.views) == (0, 0, 2)
+    recorded = [p for p in list_view_shards(tmp_path / "cache") if p.name != "views-k0000-0002-00000.h5"]
+    assert [p.name for p in recorded] == ["views-k0000-0002-00001.h5"]
+    with h5py.File(recorded[0], "r") as f:
+        assert f.attrs["view_queries"] == 0 and len(f["path"]) == 36
+    listed = scan_dataset(dataset, check_images=False)  # as training lists it: matched by the new times, nothing hashed
+    after = load_targets(tmp_path / "cache", listed, views=True).views
+    assert all(f.sha256 is None for f in listed.files)
+    assert np.array_equal(after.embedding, before.embedding) and np.array_equal(after.params.array, before.params.array)
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["views"]["queries"] == 72
+
+
 def test_cli_embed_views_json(dataset, tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("VL2V_CACHE", str(tmp_path / "cache"))
     args = ["embed", str(dataset), "--teacher", tiny_teacher, "--workers", "0", "--batch-size", "8", "--views", "2", "--json"]

@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from conftest import make_dataset, train_method, write_tiny_teacher
+from test_cli_train import TINY as CLI_TINY
+from test_cli_train import invoke, ok_json
 from test_train import STRIP, TINY, context, weights_equal
 from vl2v import runs
 from vl2v.batches import StepBatches
@@ -25,7 +28,7 @@ from vl2v.runtime import load_checkpoint
 from vl2v.student import DataConfig
 from vl2v.teacher import Teacher, create_teacher, normalization
 from vl2v.runtime import UserError
-from vl2v.train import batch_targets, prepare_data, step_batches
+from vl2v.train import batch_targets, prepare_data, segment_average, step_batches
 from vl2v.viewcache import list_view_shards
 from vl2v.views import ViewParams, render_view
 
@@ -184,6 +187,21 @@ def test_fast_align_is_refused_with_batchnorm_in_training_mode(cached, caplog):
     assert "fast Align does not apply: it needs cached views (`vl2v embed --views K`, training with --views auto)" in caplog.text
 
 
+def test_swad_segments_average_the_trainable_parameters_as_torch_does_and_keep_the_frozen():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)  # as Align's featurizer
+    ours, torchs = segment_average(model), AveragedModel(model)
+    frozen = model[0].weight.clone()
+    for _ in range(4):
+        with torch.no_grad():
+            model[1].weight.add_(torch.randn(2, 3))
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    assert torch.equal(ours.module[1].weight, torchs.module[1].weight) and torch.equal(ours.module[1].bias, torchs.module[1].bias)
+    assert torch.equal(ours.module[0].weight, frozen) and not torch.equal(ours.module[1].weight, model[1].weight)
+
+
 def test_a_feature_file_resumes_where_a_killed_build_stopped(tmp_path):
     inputs = [torch.randn(4, 3) for _ in range(5)]  # 5 batches of 4 rows
     weight = torch.randn(3, 2)
@@ -242,3 +260,21 @@ def test_a_run_resumed_on_a_cache_whose_views_changed_is_refused(cached):
         train_method("align", root, flags, run_dir, plain)
     with pytest.raises(UserError, match=r"^--views must be auto or off, not 'on'\.$"):
         TrainConfig(views="on")
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_views_and_fast_align_from_the_cli(tmp_path, tiny_teacher, monkeypatch):
+    root = make_dataset(tmp_path / "toy", per_class=3)
+    monkeypatch.setenv("VL2V_CACHE", str(tmp_path / "cache"))
+    embed = ok_json("embed", root, "--teacher", tiny_teacher, "--workers", "0", "--batch-size", "16", "--views", "2")
+    assert (embed["views"], embed["views_embedded"], embed["plan"]["queries"]) == (2, 54, 27 + 54 + 3)
+    args = ["align", root, *CLI_TINY, "--teacher", tiny_teacher, "--steps", "3", "--checkpoint-freq", "2", "--test-env", "art"]
+    fast = ok_json(*args, "--run-dir", tmp_path / "fast")
+    step = ok_json(*args, "--run-dir", tmp_path / "per-step", "--fast-align", "off")
+    assert fast["art"]["SWAD"]["tr_outloss"] == pytest.approx(step["art"]["SWAD"]["tr_outloss"], abs=1e-5)
+    assert (tmp_path / "fast" / "features").is_dir() and not (tmp_path / "per-step" / "features").exists()
+    assert runs.run_info(tmp_path / "fast")["config"]["views"] == "auto" and runs.run_info(tmp_path / "fast")["views"]["count"] == 2
+    bad = invoke(*args, "--run-dir", tmp_path / "bad", "--fast-align", "sometimes")
+    assert bad.exit_code == 2 and "--fast-align must be auto or off, not 'sometimes'." in bad.stderr

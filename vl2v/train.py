@@ -10,19 +10,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn, update_bn
 
 from vl2v import runs, selection
 from vl2v.batches import EvalImages, StepBatches, StudentViews, step_loader
 from vl2v.cache import Targets, load_dataset_targets
-from vl2v.features import EvalFeatures, FastFeatures, feature_dir, prepare_fast_features, train_mode_effect
 from vl2v.config import TrainConfig
 from vl2v.data import DatasetIndex, all_splits, build_eval_transform, build_train_transform, scan_dataset, seed_hash
 from vl2v.evaluate import predict_logits
+from vl2v.features import EvalFeatures, FastFeatures, feature_dir, prepare_fast_features, train_mode_effect
 from vl2v.methods import Method, StepTargets, get_method
 from vl2v.runtime import Progress, UserError, all_mean, atomic_torch_save, autocast_dtype, barrier, launch, load_checkpoint, process_group, resolve_device, seed_everything
 from vl2v.student import DataConfig, Student, build_student, check_student
 from vl2v.swad import LossValley
+from vl2v.viewcache import ViewTargets
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Context:
     eval_features: EvalFeatures | None = None  # fast Align: the held-out domain's cached evaluation features
 
     @property
-    def views(self):
+    def views(self) -> ViewTargets | None:
         """The cache's views when training uses them (`--views auto` and a cache with views), else None."""
         return self.targets.views if self.targets is not None else None
 
@@ -292,7 +293,7 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     t = make_trainer(ctx, env, model, from_features=fast is not None)
     state = runs.load_state(env_dir, t.model, t.optimizer, t.valley, t.scaler)
     step, records, start_best = state["step"], state["records"], state["best"]
-    segment, segment_start = AveragedModel(t.model), step
+    segment, segment_start = segment_average(t.model), step
     batches = fast.batches(step_batches(ctx, env, step)) if fast else prepare_data(ctx, env, step)
     curves = runs.Curves(env_dir, cfg.log if writer else "none", step)
     log.info("%s: held-out %s, steps %d..%d%s", method.name, runs.env_name(ctx.index.domains, env), step, cfg.steps - 1, " (fast Align: cached features)" if fast else "")
@@ -318,7 +319,7 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
                 t.valley.update_and_evaluate(segment, record["tr_outloss"], segment_start, step)
             if writer:
                 runs.save_state(env_dir, t.model, t.optimizer, t.valley, step + 1, records, start_best, t.scaler)
-            segment, segment_start, losses, tic = AveragedModel(t.model), step + 1, [], time.perf_counter()
+            segment, segment_start, losses, tic = segment_average(t.model), step + 1, [], time.perf_counter()
             if t.valley is not None and t.valley.dead_valley:
                 log.info("SWAD: loss valley ended at step %d; stopping early", step)
                 break
@@ -335,6 +336,21 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     return finals
 
 
+def segment_average(model: Student) -> AveragedModel:
+    """A SWAD segment: the running average of every step's weights, as torch's default averaging,
+    of the trainable parameters only: a frozen parameter's average is itself, and averaging Align's
+    frozen featurizer (22M parameters for ViT-S) at every step costs more than fast Align's whole step."""
+    trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    mean = get_swa_avg_fn()
+
+    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        for a, c in zip(averaged, current):
+            if c.data_ptr() in trainable:  # `current` holds detached views of the model's own tensors
+                a.copy_(mean(a, c, n))
+
+    return AveragedModel(model, multi_avg_fn=average)
+
+
 def batch_targets(ctx: Context):
     """`(rows, views k) -> StepTargets` of a batch: the labels, and the teacher's embeddings of the
     views shown (gathered from the memory-mapped cache, B rows at a time) or of the plain images."""
@@ -345,11 +361,14 @@ def batch_targets(ctx: Context):
     scale = ctx.targets.logit_scale if ctx.targets else 1.0
 
     def targets(rows: torch.Tensor, ks: torch.Tensor) -> StepTargets:
+        # index_select, not t[rows]: on busy cores the latter's OpenMP region waits for a
+        # descheduled thread (8 ms per gather measured on 2 loaded cores, by bench/train.py)
+        at = rows.to(ctx.device)
         if views is not None:
             image = views.gather(rows.numpy(), ks.numpy()).to(ctx.device, non_blocking=True)
         else:
-            image = image_t[rows.to(ctx.device)] if image_t is not None else None
-        return StepTargets(labels[rows.to(ctx.device)], image, text_t, scale)
+            image = image_t.index_select(0, at) if image_t is not None else None
+        return StepTargets(labels.index_select(0, at), image, text_t, scale)
 
     return targets
 

@@ -16,6 +16,7 @@ without holding [N, K, D] in memory; their digest covers every shard they were b
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -159,12 +160,24 @@ def record_new_view_times(index: DatasetIndex, cache_dir: Path, view_rows: ViewR
 # --- training: the views consolidated into memory-mapped files --------------------------------------
 
 
+def open_random_access(path: Path) -> np.ndarray:
+    """A read-only memory map of an .npy file, advised for random access: a batch's rows are read,
+    not the kernel's readahead around each of them (128 KB per row where the file is not cached)."""
+    layout = np.load(path, mmap_mode="r")  # for its offset, dtype and shape
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):  # not on Windows
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=layout.dtype, count=layout.size, offset=layout.offset).reshape(layout.shape)
+
+
 class ParamsFile:
     """The consolidated [N, K, N_PARAMS] float32 view parameters, memory-mapped on first use in each
-    process: data-loader workers map their own (pickling carries only the path)."""
+    process: forked data-loader workers inherit the mapping, spawned ones map the file again
+    (pickling carries only the path)."""
 
-    def __init__(self, path: Path):
-        self.path, self._array = Path(path), None
+    def __init__(self, path: Path, array: np.ndarray | None = None):
+        self.path, self._array = Path(path), array
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_array": None}
@@ -172,7 +185,7 @@ class ParamsFile:
     @property
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
+            self._array = open_random_access(self.path)
         return self._array
 
 
@@ -238,8 +251,9 @@ def load_view_targets(cache_dir: Path, index: DatasetIndex, section: dict) -> Vi
         for stale in cache_dir.glob("views-*.npy"):
             if CONSOLIDATED_RE.match(stale.name) and stale not in (emb_path, params_path):
                 stale.unlink()  # a process that mapped it keeps its pages; the name is free
-        embedding = np.load(emb_path, mmap_mode="r")
-    return ViewTargets(count, int(section["seed"]), embedding, ParamsFile(params_path), valid, digest)
+        # mapped now, under the lock: a later consolidation may remove the files, not these mappings
+        embedding, params = open_random_access(emb_path), ParamsFile(params_path, open_random_access(params_path))
+    return ViewTargets(count, int(section["seed"]), embedding, params, valid, digest)
 
 
 def _consolidate(sources: dict, count: int, n_rows: int, params_path: Path, emb_path: Path) -> None:
@@ -250,10 +264,9 @@ def _consolidate(sources: dict, count: int, n_rows: int, params_path: Path, emb_
         for ks, row in parts:
             by_shard.setdefault(row.shard, []).append((r, ks, row.pos))
     dim, dtype = 0, np.float16  # no row has its views (none to train from): empty files
-    for shard in by_shard:
-        with h5py.File(shard, "r") as f:
+    if by_shard:
+        with h5py.File(next(iter(by_shard)), "r") as f:
             dim, dtype = f["embedding"].shape[2], f["embedding"].dtype
-        break
     for path, name, shape, kind in ((params_path, "params", (n_rows, count, N_PARAMS), np.float32), (emb_path, "embedding", (n_rows, count, dim), dtype)):
         tmp = path.with_name(f".{path.name}.tmp")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=kind, shape=shape)
