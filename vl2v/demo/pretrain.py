@@ -44,9 +44,9 @@ class PretrainRecipe:
     student: str = "resnet10t"
     glyphs: int = 4000  # rendered once; every step composes new views of them
     patches: int = 1000
-    steps: int = 250
-    batch_size: int = 64
-    lr: float = 2e-3  # AdamW, warm-up + cosine
+    steps: int = 150
+    batch_size: int = 128
+    lr: float = 3e-3  # AdamW, warm-up + cosine
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     label_smoothing: float = 0.1
