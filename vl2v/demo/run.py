@@ -38,11 +38,9 @@ class DemoConfig:
     freeze_bn: bool = True  # the paper's: BatchNorm keeps the pretrained statistics
     image_size: int = 32
     batch_size: int = 32
-    # Learning rates chosen by training-domain validation accuracy (tr_outacc) at these steps:
-    # Align 1e-3 over 1e-2, Distill 1e-3 over 3e-4 and 1e-4 (the paper's 5e-5 is for 5001 steps).
-    align_steps: int = 50
+    align_steps: int = 26
     align_lr: float = 1e-3
-    distill_steps: int = 50
+    distill_steps: int = 101
     distill_lr: float = 1e-3
     checkpoint_freq: int = 25
     # One compute thread and one decoding worker: on two cores, two busy compute threads next to
