@@ -262,6 +262,23 @@ def test_a_run_resumed_on_a_cache_whose_views_changed_is_refused(cached):
         TrainConfig(views="on")
 
 
+def test_a_run_from_before_views_resumes(cached):
+    """A run written before `views` and `fast_align` were settings resumes: it ran as their defaults."""
+    tmp, root, cache, _, _ = cached
+    flags = {**FLAGS, "steps": 3, "test_envs": ("art",)}
+    run_dir, _ = train_method("align", root, flags, tmp / "runs" / "older", cache)
+    info = json.loads((run_dir / "config.json").read_text())
+    for key in ("views", "fast_align"):
+        del info["config"][key]
+    (run_dir / "config.json").write_text(json.dumps(info))
+    _, again = train_method("align", root, flags, run_dir, cache)
+    assert again["art"] == json.loads((run_dir / "env0" / "done.json").read_text())
+    info["config"]["lr"] = 1.0
+    (run_dir / "config.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=r"other settings \(lr: 1\.0 → 0\.003\)"):
+        train_method("align", root, flags, run_dir, cache)
+
+
 # --- the command line -----------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def expand_methods(names: list[str]) -> list[str]:
 
 
 def _adip(head, features, t: StepTargets, cfg) -> torch.Tensor:
-    return adip_loss(head.embed(features).float(), t.image, t.text[t.labels], cfg.lmd)
+    return adip_loss(head.embed(features).float(), t.image, t.text.index_select(0, t.labels), cfg.lmd)
 
 
 def _erm(head, features, t: StepTargets, cfg) -> torch.Tensor:

@@ -74,7 +74,10 @@ def prepare(run_dir: Path, cfg: TrainConfig, index: DatasetIndex, cache_dir: Pat
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    diff = [f"{k}: {old['config'].get(k)!r} → {v!r}" for k, v in new["config"].items() if k not in RESUMABLE and old["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
+    # A setting missing from an older vl2v's run did not exist then: that run behaved as its default.
+    defaults = json.loads(json.dumps(TrainConfig().to_json()))
+    before = {k: old["config"].get(k, defaults.get(k)) for k in new["config"]}
+    diff = [f"{k}: {before[k]!r} → {v!r}" for k, v in new["config"].items() if k not in RESUMABLE and before[k] != (list(v) if isinstance(v, tuple) else v)]
     for key in ("dataset", "teacher", "from_run", "views"):
         if old.get(key) != new[key]:
             diff.append(f"{key} differs")
