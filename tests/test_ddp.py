@@ -105,7 +105,7 @@ def test_fp16_trains_with_a_gradient_scaler_saved_in_checkpoints(toy, tmp_path):
     t = make_trainer(ctx, 0)
     assert t.scaler.is_enabled() and t.scaler.get_scale() == 2.0**16
     images, y = torch.randn(4, 3, 32, 32), labels[:4]
-    loss = train_step(ctx, t, images, StepTargets(y, None, None, 1.0))
+    loss = train_step(ctx, t, 0, images, StepTargets(y, None, None, 1.0))
     assert loss == loss  # a number: the scaler unscaled the gradients or skipped an overflowing step
     assert t.scaler.get_scale() <= 2.0**16
     runs.save_state(tmp_path, t.model, t.optimizer, None, 1, [], None, t.scaler)

@@ -353,3 +353,36 @@ def test_swad_model_gets_its_own_batchnorm_statistics_when_bn_is_not_frozen(setu
     assert all(int(best[k]) > 0 for k in counts)  # BN in training mode updated its statistics
     means = [k for k in swad if k.endswith("running_mean")]
     assert any(not torch.equal(swad[k], best[k]) for k in means)
+
+
+def test_warmup_ramps_the_learning_rate_and_resumes_exactly(setup, monkeypatch):
+    tmp, root, cache = setup
+    flags = {**TINY, "steps": 6, "checkpoint_freq": 2, "lr": 5e-3, "warmup_steps": 4, "swad": False, "test_envs": ("art",)}
+    seen, real_step = [], torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    ref_dir, _ = train_method("align", root, flags, tmp / "runs" / "warm-ref", cache)
+    assert seen == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 5e-3])
+    saves, real_save = [], runs.save_state
+
+    def stop_after_second(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint of step 2, mid warm-up
+
+    monkeypatch.setattr(runs, "save_state", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_method("align", root, flags, tmp / "runs" / "warm-resumed", cache)
+    monkeypatch.setattr(runs, "save_state", real_save)
+    seen.clear()
+    run_dir, _ = train_method("align", root, flags, tmp / "runs" / "warm-resumed", cache)
+    assert seen == pytest.approx([4e-3, 5e-3, 5e-3])  # steps 3..5, from the step alone
+    assert records(run_dir / "env0") == records(ref_dir / "env0")
+    assert weights_equal(load_checkpoint(run_dir / "env0" / "best.pt"), load_checkpoint(ref_dir / "env0" / "best.pt"))
+    with pytest.raises(Exception, match=r"--warmup-steps must be ≥ 0, not -1\."):
+        TrainConfig(warmup_steps=-1)

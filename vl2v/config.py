@@ -37,6 +37,7 @@ class TrainConfig:
     model_kwargs: dict = setting(dict, "Extra timm create_model argument KEY=VALUE (repeatable), e.g. zero_init_last=False.", shown="none")
     lr: float = setting(5e-5, "Adam learning rate.")
     weight_decay: float = setting(0.0, "Adam weight decay.")
+    warmup_steps: int = setting(0, "Linear learning-rate warm-up over the first N steps (0: none, the paper's).")
     batch_size: int = setting(32, "Images per training domain per step.")
     steps: int = setting(5001, "Training steps.", shown="5001; DomainNet 15001")
     checkpoint_freq: int = setting(200, "Validate and checkpoint every N steps.", shown="200; DomainNet 1000")
@@ -69,6 +70,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, not {value}.")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be ≥ 0, not {self.warmup_steps}.")
         if not 0.0 < self.holdout < 1.0:
             raise UserError(f"--holdout must be between 0 and 1, not {self.holdout}.")
         for name in ("lmd", "kd_weight"):

@@ -270,9 +270,11 @@ def make_trainer(ctx: Context, env: int | None, model: Student | None = None, fr
     return Trainer(model, step_module, optimizer, scaler, valley)
 
 
-def train_step(ctx: Context, t: Trainer, images: torch.Tensor, targets: StepTargets) -> float:
+def train_step(ctx: Context, t: Trainer, step: int, images: torch.Tensor, targets: StepTargets) -> float:
     """One optimisation step; returns the loss of the whole (global) batch."""
     set_train_mode(t.model, ctx.cfg.freeze_bn)
+    for group in t.optimizer.param_groups:  # a function of the step alone, so resuming needs no state
+        group["lr"] = ctx.cfg.lr * min(1.0, (step + 1) / (ctx.cfg.warmup_steps + 1))
     with torch.autocast(ctx.device.type, dtype=ctx.amp, enabled=ctx.amp is not None):
         loss = t.step_module(images, targets)
     t.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +302,7 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     targets_of = batch_targets(ctx)
     losses, tic = [], time.perf_counter()
     for inputs, rows, ks in batches:
-        losses.append(train_step(ctx, t, inputs.to(ctx.device, non_blocking=True), targets_of(rows, ks)))
+        losses.append(train_step(ctx, t, step, inputs.to(ctx.device, non_blocking=True), targets_of(rows, ks)))
         curves.add({"loss": losses[-1]}, step)
         segment.update_parameters(t.model)
         if progress and writer:
