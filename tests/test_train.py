@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from vl2v.cache import load_dataset_targets
 from vl2v.config import TrainConfig
 from vl2v.data import all_splits, build_eval_transform, load_rgb
 from vl2v.methods import get_method
-from vl2v.runtime import load_checkpoint
+from vl2v.runtime import UserError, load_checkpoint
 from vl2v.student import DataConfig
 from vl2v.train import Context, prepare_data
 
@@ -386,3 +389,30 @@ def test_warmup_ramps_the_learning_rate_and_resumes_exactly(setup, monkeypatch):
     assert weights_equal(load_checkpoint(run_dir / "env0" / "best.pt"), load_checkpoint(ref_dir / "env0" / "best.pt"))
     with pytest.raises(Exception, match=r"--warmup-steps must be ≥ 0, not -1\."):
         TrainConfig(warmup_steps=-1)
+
+
+def test_a_second_process_training_the_same_run_is_refused(setup, tmp_path):
+    tmp, root, cache = setup
+    env_path = tmp_path / "run" / "env0"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(env_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        flags = {**TINY, "steps": 2, "test_envs": ("art",)}
+        with pytest.raises(UserError, match=rf"^Another vl2v process is training {re.escape(str(env_path))} \(it holds .*\.train\.lock\)\. Wait for it to finish, or pass another --run-dir\.$"):
+            train_method("align", root, flags, tmp_path / "run", cache)
+        assert not (env_path / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    _, finals = train_method("align", root, flags, tmp_path / "run", cache)  # a killed holder's lock is gone
+    assert finals["art"]["SWAD"]["step"] == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from vl2v.runs import training_lock
+from pathlib import Path
+with training_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""

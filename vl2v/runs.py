@@ -14,10 +14,13 @@ A deployment run (`--test-env none`) has one folder, RUN/all/, instead of one pe
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from vl2v import __version__
 from vl2v.config import TrainConfig
@@ -39,6 +42,23 @@ def env_dir(run_dir: Path, env: int | None) -> Path:
 def env_name(domains: list[str], env: int | None) -> str:
     """The held-out domain's name; `none` for a deployment run."""
     return "none" if env is None else domains[env]
+
+
+@contextlib.contextmanager
+def training_lock(env_path: Path) -> Iterator[None]:
+    """Hold a held-out domain's folder while training it: a second process training the same run
+    would overwrite its checkpoints, so it is refused. The operating system releases a killed
+    run's lock."""
+    env_path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(env_path / ".train.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"Another vl2v process is training {env_path} (it holds {lock.lock_file}). Wait for it to finish, or pass another --run-dir.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_info(run_dir: Path) -> dict:

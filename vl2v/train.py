@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -91,8 +92,10 @@ def train_run(dataset_root: Path, cache_dir: Path | None, cfg: TrainConfig, run_
     # Under torchrun, DDP trains each held-out domain on every process; otherwise the processes
     # share the held-out domains out.
     for env in envs if ddp else envs[me.rank :: me.world_size]:
-        if runs.read_final(runs.env_dir(run_dir, env)) is None:
-            train_env(ctx, env, progress)
+        env_dir = runs.env_dir(run_dir, env)
+        if runs.read_final(env_dir) is None:
+            with runs.training_lock(env_dir) if not ddp or me.rank == 0 else contextlib.nullcontext():
+                train_env(ctx, env, progress)
     barrier()
     return {runs.env_name(index.domains, env): runs.read_final(runs.env_dir(run_dir, env)) for env in envs}
 
