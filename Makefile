@@ -13,8 +13,12 @@ $(BIN)/vl2v: pyproject.toml
 
 install: $(BIN)/vl2v
 
+# `make demo` runs on NPROC processes under torch's own launcher: the teacher trains beside the
+# student's pretraining, then each process trains whole held-out domains. Its figures do not
+# depend on NPROC (each process runs one compute thread).
+NPROC ?= 2
 demo: install
-	$(BIN)/vl2v demo
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m vl2v demo
 
 test: install
 	$(BIN)/python -m pytest

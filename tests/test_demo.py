@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -34,3 +37,19 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     rerun = json.loads(again.stdout)
     assert rerun["embedded_now"] == 0  # data, teacher and cache are reused: nothing paid twice
     assert rerun["results"] == summary["results"]
+
+
+def test_the_quick_demo_under_torchrun_prints_one_process_s_figures(tmp_path):
+    """Two processes share the work (teacher beside student pretraining, then held-out domains) and
+    rank 0 alone reports the same results as one process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VL2V_CACHE": str(tmp_path / "cache")}
+    args = ["demo", "--quick", "--json"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vl2v"]
+    two = subprocess.run([*launcher, *args, "--workdir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vl2v", *args, "--workdir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    summary2, summary1 = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document: rank 0's
+    assert (summary2["processes"], summary1["processes"]) == (2, 1)
+    assert summary2["results"] == summary1["results"] and len(summary2["results"]) == 8
+    assert summary2["teacher_zero_shot"] == summary1["teacher_zero_shot"]

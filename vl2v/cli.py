@@ -526,6 +526,8 @@ def demo(
     cfg = DemoConfig(workdir=workdir, **(QUICK if quick else {}))
     with progress_bar("demo") as update:
         summary = run_demo(cfg, progress=update)
+    if summary is None:  # under torchrun, rank 0 reports
+        return
     if as_json:
         print_json(summary)
         return

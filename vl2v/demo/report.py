@@ -67,7 +67,7 @@ def plain_summary(summary: dict) -> list[str]:
     """A few sentences a new user can read without knowing the method."""
     accs = per_domain(summary)
     mean = {bar: np.nanmean([accs[d].get(bar, np.nan) for d in accs]) for bar in BARS}
-    q = summary["queries"]
+    q, views = summary["queries"], summary["views"] or {"queries": 0, "count": 0}
     return [
         f"Digits-DG: {summary['images']:,} real digit images in 4 domains ({', '.join(summary['domains'])}); "
         "each domain in turn was held out and never seen in training.",
@@ -76,8 +76,8 @@ def plain_summary(summary: dict) -> list[str]:
         f"VL2V-ADiP Distill with SWAD {mean['Distill + SWAD']:.1f}% (Distill {mean['Distill']:.1f}%, Align {mean['Align']:.1f}%); "
         f"baselines at the same steps: ERM {mean['ERM']:.1f}% (SWAD {mean['ERM + SWAD']:.1f}%), KD {mean['KD']:.1f}% "
         f"(SWAD {mean['KD + SWAD']:.1f}%); chance 10%.",
-        f"Teacher queries paid: {q['images']:,} images and {q['texts']} prompts, once; "
-        f"training ran {len(summary['config']['methods']) * len(summary['domains'])} student runs without calling the teacher.",
+        f"Teacher queries paid: {q['images']:,} images, {views['queries']:,} augmented views ({views['count']} per image) and {q['texts']} prompts, once; "
+        f"training ran {len(summary['config']['methods']) * len(summary['domains'])} student runs on those views without calling the teacher.",
         "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ".",
     ]
 

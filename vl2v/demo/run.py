@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.evaluate import teacher_zero_shot
 from vl2v.methods import get_method
 from vl2v.results import collect
-from vl2v.runtime import Progress
+from vl2v.runtime import Progress, barrier, launch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class DemoConfig:
     image_size: int = 32
     batch_size: int = 32
     methods: tuple[str, ...] = ("align", "distill", "erm", "kd")  # compared on the same data
+    views: int = 8  # augmented views per image in the cache: every method trains on them
     align_steps: int = 26
     align_lr: float = 1e-3
     steps: int = 101  # Distill, ERM and KD alike: methods compare at equal training steps
@@ -69,6 +71,7 @@ class DemoConfig:
             "freeze_bn": self.freeze_bn,
             "workers": self.workers,
             "seed": self.seed,
+            "parallel": "domains",  # under torchrun: whole held-out domains per process, results as one process's
         }
 
 
@@ -79,47 +82,80 @@ QUICK = dict(
 )
 
 
-def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict:
-    """Build data, teacher and pretrained student (once each), embed, Align and Distill every
-    held-out domain, report."""
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict | None:
+    """Build data, teacher and pretrained student (once each), embed, train every method for every
+    held-out domain, report. Under torchrun the processes share the work out (the teacher and the
+    student's pretraining side by side, then whole held-out domains) and rank 0 reports; every
+    figure is the same as one process's. Returns the summary on rank 0, None on the others."""
     torch.set_num_threads(cfg.threads)
-    times, tic = {}, time.perf_counter()
-    work = Path(cfg.workdir)
-    data_root = build_digits_dg(work / "data", cfg.per_class, cfg.seed, progress)
-    write_sample_grid(data_root, work / "samples.png")
-    times["data"] = time.perf_counter() - tic
-    config_json, weights = train_demo_teacher(work / "teacher", cfg.seed, progress, TeacherRecipe(**cfg.teacher))
+    me = launch()
+    lead = me.rank == 0
+    progress = progress if lead else None
+    work, clock = Path(cfg.workdir), Clock()
+    data_root = _first_on(0, partial(build_digits_dg, work / "data", cfg.per_class, cfg.seed, progress))
+    if lead:
+        write_sample_grid(data_root, work / "samples.png")
+    clock.lap("data")
+    # Independent jobs: the teacher on rank 0 and the student on rank 1, at once when there are two.
+    teacher_job = partial(train_demo_teacher, work / "teacher", cfg.seed, progress, TeacherRecipe(**cfg.teacher))
+    _first_on(0, teacher_job, wait=False)
+    student = _first_on(1 % me.world_size, partial(pretrain_demo_student, work / "student", cfg.seed, progress, PretrainRecipe(student=cfg.student, **cfg.pretrain)))
+    config_json, weights = teacher_job()  # trained by now: its paths
     teacher = f"{config_json}:{weights}"
-    times["teacher"] = time.perf_counter() - tic - sum(times.values())
-    student = pretrain_demo_student(work / "student", cfg.seed, progress, PretrainRecipe(student=cfg.student, **cfg.pretrain))
-    times["student"] = time.perf_counter() - tic - sum(times.values())
+    clock.lap("teacher and student")
     index = scan_dataset(data_root, progress=progress)
     cache_dir = pipeline.teacher_cache_dir(index.name, teacher)
-    embedded = embed_dataset(index, cache_dir, EmbedConfig(teacher=teacher, workers=cfg.workers, batch_size=256), progress)
-    targets = load_targets(cache_dir, index)
-    splits = all_splits(index, trial_seed=0)
-    zero_shot = teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)})
-    times["embed"] = time.perf_counter() - tic - sum(times.values())
+    embed = EmbedConfig(teacher=teacher, workers=cfg.workers, batch_size=256, views=cfg.views)
+    embedded = _first_on(0, partial(embed_dataset, index, cache_dir, embed, progress))
+    clock.lap("embed")
     runs_root = work / "runs"
     experiment = pipeline.experiment_dir(data_root, cfg.student, runs_root)
-    for method in cfg.methods:  # the same splits, seeds and batches for every method
+    for method in cfg.methods:  # the same splits, seeds, views and batches for every method
         run_dir = pipeline.method_run_dir(experiment, 0, method)
         start = get_method(method).starts_from
         from_run = pipeline.method_run_dir(experiment, 0, start) if start else None
         pipeline.train(data_root, TrainConfig(method=method, **cfg.train_flags(method, student)), run_dir, cache_dir, teacher, from_run, progress)
-    times["train"] = time.perf_counter() - tic - sum(times.values())
+    clock.lap("train")
+    if not lead:
+        return None
+    targets = load_targets(cache_dir, index)
+    splits = all_splits(index, trial_seed=0)
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "teacher": teacher,
         "domains": index.domains,
         "images": len(index.good),
-        "teacher_zero_shot": zero_shot,
+        "views": targets.manifest.get("views"),
+        "teacher_zero_shot": teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)}),
         "results": collect(runs_root / index.name),
         "queries": targets.manifest["queries"],
         "embedded_now": embedded.embedded,
-        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "processes": me.world_size,
+        "seconds": clock.laps,
     }
     out_dir = runs_root / index.name
     summary["figure"] = str(report.write_figure(summary, out_dir / "results.png"))
     summary["report"] = str(report.write_markdown(summary, out_dir / "report.md", work / "samples.png"))
     return summary
+
+
+def _first_on(rank: int, job, wait: bool = True):
+    """Run `job` on `rank`; with `wait`, the other processes then run it too, after a barrier,
+    which finds its work done (every demo job skips what is already built) and returns its result."""
+    result = job() if launch().rank == rank else None
+    if wait:
+        barrier()
+        if result is None:
+            result = job()
+    return result
+
+
+class Clock:
+    """Seconds per phase."""
+
+    def __init__(self):
+        self.laps, self._tic = {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._tic = round(now - self._tic, 1), now
