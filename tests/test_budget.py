@@ -20,7 +20,7 @@ from vl2v.embed import EmbedConfig, embed_dataset
 from vl2v.runtime import UserError
 from vl2v.student import DataConfig
 from vl2v.methods import get_method
-from vl2v.train import Context, prepare_data
+from vl2v.train import Context, eval_images, prepare_data
 
 
 def config(teacher: str, **kw) -> EmbedConfig:
@@ -108,7 +108,7 @@ def test_subset_cache_trains_only_on_images_with_targets(tmp_path, tiny_teacher,
                   data_cfg=DataConfig(32, (0.5,) * 3, (0.5,) * 3))
     drawn = np.concatenate([prepare_data(ctx, 0, 0).dataset.rows(step)[0] for step in range(30)])
     assert targets.valid[drawn].all() and len(set(drawn.tolist())) > 10
-    assert len(ctx.eval_images.rows) == 54
+    assert len(eval_images(ctx, 0).rows) == 54  # evaluation uses every image
 
 
 def test_cli_over_budget_exits_2_with_the_plan(tmp_path, tiny_teacher, monkeypatch):

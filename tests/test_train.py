@@ -416,3 +416,17 @@ with training_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)
 """
+
+
+def test_eval_splits_selection_validates_only_what_selection_reads(setup):
+    tmp, root, cache = setup
+    flags = {**TINY, "steps": 5, "checkpoint_freq": 2, "lr": 3e-3, "test_envs": ("art",)}
+    every_dir, every = train_method("align", root, flags, tmp / "runs" / "eval-all", cache)
+    few_dir, few = train_method("align", root, {**flags, "eval_splits": "selection"}, tmp / "runs" / "eval-selection", cache)
+    assert few == every  # the same selections, SWAD and figures
+    few_records, every_records = checkpoints(few_dir / "env0"), checkpoints(every_dir / "env0")
+    assert {k for k in few_records[0] if k.endswith("_acc")} == {"env0_in_acc", "env0_out_acc", "env1_out_acc", "env2_out_acc", "test_acc"}
+    assert every_records[0].keys() - few_records[0].keys() == {"env1_in_acc", "env2_in_acc"}
+    assert few_records == [{k: r[k] for k in f} for f, r in zip(few_records, every_records)]
+    with pytest.raises(UserError, match=r"^--eval-splits must be one of all, selection, not 'some'\.$"):
+        TrainConfig(eval_splits="some")

@@ -150,7 +150,8 @@ def evaluate(ctx: Context, model: Student, env: int | None) -> dict:
         logits, rows = predict_logits(model, ctx.eval_images, ctx.device, ctx.amp), ctx.eval_images.rows
     position = {int(r): i for i, r in enumerate(rows)}
     record, train_out = {}, []
-    for name, rows in ctx.splits.items():
+    for name in evaluated_splits(ctx, env):
+        rows = ctx.splits[name]
         pos = torch.tensor([position[int(r)] for r in rows], dtype=torch.long)
         y = ctx.labels[rows]
         record[f"{name}_acc"] = float((logits[pos].argmax(1) == y).float().mean()) if len(rows) else float("nan")
@@ -166,19 +167,28 @@ def evaluate(ctx: Context, model: Student, env: int | None) -> dict:
 
 
 def prepare_data(ctx: Context, env: int | None, start: int, stop: int | None = None) -> torch.utils.data.DataLoader:
-    """The training batches of steps start..stop-1 (default: to the end); builds the evaluation
-    images on first use."""
+    """The training batches of steps start..stop-1 (default: to the end)."""
+    return step_loader(step_batches(ctx, env, start, stop), ctx.cfg.workers, ctx.device.type == "cuda")
+
+
+def eval_images(ctx: Context, env: int | None) -> EvalImages:
+    """The images validation of held-out domain `env` predicts, streamed from disk."""
     cfg, index, data_cfg = ctx.cfg, ctx.index, ctx.data_cfg
-    if ctx.eval_images is None and (not ctx.ddp or launch().rank == 0):  # under DDP rank 0 evaluates
-        size = (3, data_cfg.image_size, data_cfg.image_size)
-        transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
-        ctx.eval_images = EvalImages(index.root, [f.path for f in index.files], eval_rows(ctx), transform, size, cfg.eval_batch_size, cfg.workers)
-    return step_loader(step_batches(ctx, env, start, stop), cfg.workers, ctx.device.type == "cuda")
+    size = (3, data_cfg.image_size, data_cfg.image_size)
+    transform = build_eval_transform(data_cfg.image_size, data_cfg.mean, data_cfg.std)
+    return EvalImages(index.root, [f.path for f in index.files], eval_rows(ctx, [env]), transform, size, cfg.eval_batch_size, cfg.workers)
 
 
-def eval_rows(ctx: Context) -> np.ndarray:
-    """Every row of every split, sorted: what validation predicts."""
-    return np.sort(np.concatenate(list(ctx.splits.values())))
+def evaluated_splits(ctx: Context, env: int | None) -> list[str]:
+    """The splits validation of held-out domain `env` reports (`--eval-splits`)."""
+    if ctx.cfg.eval_splits == "all":
+        return list(ctx.splits)
+    return [name for name in ctx.splits if name.endswith("_out") or name == f"env{env}_in"]
+
+
+def eval_rows(ctx: Context, envs: list[int | None]) -> np.ndarray:
+    """The rows validation of these held-out domains predicts, sorted."""
+    return np.unique(np.concatenate([ctx.splits[name] for env in envs for name in evaluated_splits(ctx, env)]))
 
 
 def training_rows(ctx: Context, env: int | None) -> list[np.ndarray]:
@@ -224,7 +234,7 @@ def fast_align(ctx: Context, model: Student) -> FastFeatures | None:
     folder = feature_dir(ctx.run_dir, cfg.student, model.featurizer, ctx.data_cfg, ctx.amp, ctx.views)
     rows = np.unique(np.concatenate([r for env in held_out_envs(cfg, ctx.index) for r in training_rows(ctx, env)]))
     return prepare_fast_features(folder, model.featurizer, ctx.data_cfg, ctx.views, ctx.index.root, [f.path for f in ctx.index.files], rows,
-                                 eval_rows(ctx), cfg.eval_batch_size, cfg.workers, ctx.device, ctx.amp)
+                                 eval_rows(ctx, held_out_envs(cfg, ctx.index)), cfg.eval_batch_size, cfg.workers, ctx.device, ctx.amp)
 
 
 class MethodStep(torch.nn.Module):
@@ -295,6 +305,7 @@ def train_env(ctx: Context, env: int | None, progress: Progress | None = None) -
     model = build_model(ctx, env)
     fast = fast_align(ctx, model)
     ctx.eval_features = fast.eval if fast else None
+    ctx.eval_images = eval_images(ctx, env) if fast is None and writer else None  # under DDP rank 0 evaluates
     t = make_trainer(ctx, env, model, from_features=fast is not None)
     state = runs.load_state(env_dir, t.model, t.optimizer, t.valley, t.scaler)
     step, records, start_best = state["step"], state["records"], state["best"]
