@@ -71,6 +71,7 @@ class DemoConfig:
             "freeze_bn": self.freeze_bn,
             "workers": self.workers,
             "seed": self.seed,
+            "eval_splits": "selection",  # the training domains' 'in' splits are never read: 2.5x fewer images per checkpoint
             "parallel": "domains",  # under torchrun: whole held-out domains per process, results as one process's
         }
 
