@@ -20,6 +20,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["domains"] == ["mnist", "mnist_m", "synth", "uci"]
     assert summary["images"] == 4 * 10 * 6
     assert summary["queries"] == {"images": 240, "texts": 10}  # every image and prompt paid once
+    assert (summary["views"]["count"], summary["views"]["queries"]) == (8, 240 * 8)  # and 8 views of each image
     assert set(summary["teacher_zero_shot"]) == set(summary["domains"])
     stages = {(r["method"], r["selection"]) for r in summary["results"]}
     assert stages == {(s, sel) for s in ("align", "distill", "erm", "kd") for sel in ("training-domain validation", "SWAD")}
