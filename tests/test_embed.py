@@ -51,29 +51,32 @@ def cache_content(cache_dir: Path) -> dict:
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
 
-CHILD = textwrap.dedent(
-    """
-    import os, sys, time
-    import torch
-    torch.set_num_threads(1)  # as conftest: the same arithmetic as the test process
-    from vl2v.data import scan_dataset
-    from vl2v.embed import EmbedConfig, embed_dataset
-    from vl2v.teacher import Teacher
+def slow_embed_child(batch: int, shard: int, views: int = 0) -> str:
+    """A script that embeds ROOT into CACHE_DIR, each teacher batch slowed down and written to LEDGER
+    as it is sent (paid): a process for the tests to kill -9 mid-shard."""
+    return textwrap.dedent(
+        f"""
+        import os, sys, time
+        import torch
+        torch.set_num_threads(1)  # as conftest: the same arithmetic as the test process
+        from vl2v.data import scan_dataset
+        from vl2v.embed import EmbedConfig, embed_dataset
+        from vl2v.teacher import Teacher
 
-    root, cache_dir, teacher, ledger = sys.argv[1:5]
-    fd = os.open(ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    encode = Teacher.encode_images
+        root, cache_dir, teacher, ledger = sys.argv[1:5]
+        fd = os.open(ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        encode = Teacher.encode_images
 
-    def slow_encode(self, images):
-        os.write(fd, b"%d\\n" % len(images))  # the query is paid when it is sent
-        time.sleep(0.1)
-        return encode(self, images)
+        def slow_encode(self, images):
+            os.write(fd, b"%d\\n" % len(images))  # the query is paid when it is sent
+            time.sleep(0.1)
+            return encode(self, images)
 
-    Teacher.encode_images = slow_encode
-    cfg = EmbedConfig(teacher=teacher, workers=0, device="cpu", batch_size=BATCH, shard_size=SHARD)
-    embed_dataset(scan_dataset(root), cache_dir, cfg)
-    """
-).replace("BATCH", str(BATCH)).replace("SHARD", str(SHARD))
+        Teacher.encode_images = slow_encode
+        cfg = EmbedConfig(teacher=teacher, workers=0, device="cpu", batch_size={batch}, shard_size={shard}, views={views})
+        embed_dataset(scan_dataset(root), cache_dir, cfg)
+        """
+    )
 
 
 def paid(ledger: Path) -> int:
@@ -101,7 +104,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_teacher, c
     assert len(index.files) == N_IMAGES
     killed, ledger = tmp_path / "killed", tmp_path / "ledger.txt"
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(slow_embed_child(BATCH, SHARD))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, str(script), str(root), str(killed), tiny_teacher, str(ledger)], env=env)
     try:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from test_embed import h5_content
+from test_embed import h5_content, paid, slow_embed_child
 from vl2v.cache import load_targets
 from vl2v.cli import app
 from vl2v.data import load_rgb, scan_dataset
@@ -178,35 +177,6 @@ def test_cli_embed_views_json(dataset, tiny_teacher, tmp_path, monkeypatch):
 
 N_IMAGES, SHARD, BATCH, VIEWS = 64, 8, 8, 2  # view batches: 4 images × 2 views; view shards: 8 images
 
-CHILD = textwrap.dedent(
-    """
-    import os, sys, time
-    import torch
-    torch.set_num_threads(1)  # as conftest: the same arithmetic as the test process
-    from vl2v.data import scan_dataset
-    from vl2v.embed import EmbedConfig, embed_dataset
-    from vl2v.teacher import Teacher
-
-    root, cache_dir, teacher, ledger = sys.argv[1:5]
-    fd = os.open(ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    encode = Teacher.encode_images
-
-    def slow_encode(self, images):
-        os.write(fd, b"%d\\n" % len(images))  # the query is paid when it is sent
-        time.sleep(0.1)
-        return encode(self, images)
-
-    Teacher.encode_images = slow_encode
-    cfg = EmbedConfig(teacher=teacher, workers=0, device="cpu", batch_size=BATCH, shard_size=SHARD, views=VIEWS)
-    embed_dataset(scan_dataset(root), cache_dir, cfg)
-    """
-).replace("BATCH", str(BATCH)).replace("SHARD", str(SHARD)).replace("VIEWS", str(VIEWS))
-
-
-def paid(ledger: Path) -> int:
-    return sum(int(n) for n in ledger.read_text().split()) if ledger.exists() else 0
-
-
 def cache_files(cache_dir: Path) -> dict:
     shards = sorted([*cache_dir.glob("images-*.h5"), *list_view_shards(cache_dir)])
     return {
@@ -223,7 +193,7 @@ def test_kill_9_during_a_views_embed_resumes_to_the_identical_cache(tmp_path, ti
     assert len(index.files) == N_IMAGES
     killed, ledger = tmp_path / "killed", tmp_path / "ledger.txt"
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(slow_embed_child(BATCH, SHARD, VIEWS))
     child = subprocess.Popen([sys.executable, str(script), str(root), str(killed), tiny_teacher, str(ledger)], env={**os.environ, "PYTHONPATH": str(REPO)})
     views_per_shard = SHARD * VIEWS
     try:
