@@ -152,7 +152,10 @@ def test_distill_without_from(cached, tmp_path):
 
 
 def test_test_env_none_trains_one_model_on_every_domain(cached, tmp_path):
+    from rich.console import Console
+
     from vl2v.results import collect
+    from vl2v.tables import finals_table
 
     tmp, root, cache = cached
     align_dir, finals = train_method("align", root, {**TINY, "steps": 3, "checkpoint_freq": 2, "test_envs": ("none",)}, tmp_path / "runs" / "align", cache)
@@ -164,6 +167,9 @@ def test_test_env_none_trains_one_model_on_every_domain(cached, tmp_path):
     _, d_finals = train_method("distill", None, {**TINY, "steps": 2, "checkpoint_freq": 1}, tmp_path / "runs" / "distill", from_run=align_dir)
     assert list(d_finals) == ["none"]
     assert collect(tmp_path / "runs") == []  # no held-out domain: nothing to report as a test figure
+    console = Console(width=200, record=True)
+    console.print(finals_table(d_finals))
+    assert f"validation {100 * d_finals['none']['SWAD']['tr_outacc']:.1f}" in console.export_text()  # not "- / -"
 
 
 # --- the white-box student ------------------------------------------------------------------------

@@ -79,9 +79,17 @@ def finals_table(finals: dict) -> Table:
     for s in selections:
         table.add_column(s, justify="right")
     for domain, by_selection in finals.items():
-        cells = [f"{pct(f['test_in_acc'])} / {pct(f['test_acc'])}" if (f := by_selection.get(s)) else "-" for s in selections]
+        cells = [_final_cell(f) if (f := by_selection.get(s)) else "-" for s in selections]
         table.add_row(domain, *cells)
     return table
+
+
+def _final_cell(final: dict) -> str:
+    """Test 'in' split / whole domain; a deployment run has no test domain: its training domains'
+    validation accuracy instead."""
+    if final["test_acc"] is None:
+        return f"validation {pct(final['tr_outacc'])}"
+    return f"{pct(final['test_in_acc'])} / {pct(final['test_acc'])}"
 
 
 def zero_shot_table(accs: dict[str, float]) -> Table:

@@ -37,7 +37,7 @@ def per_domain(summary: dict) -> dict[str, dict[str, float]]:
 
 
 def write_figure(summary: dict, path: Path) -> Path:
-    """Grouped bars: per held-out domain, teacher zero-shot, Align, Distill, SWAD."""
+    """Grouped bars: per held-out domain, the teacher's zero-shot accuracy and every method's, with and without SWAD."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
