@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import tempfile
 import time
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import timm
 import torch
 from PIL import Image
 
+from common import environment, start
 from vl2v import pipeline, runs
 from vl2v.config import TrainConfig
 from vl2v.data import scan_dataset
@@ -110,11 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "randomly initialised" notice
-    env = {"torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "loadavg_start": os.getloadavg()}
+    start(args.threads)
+    env = environment("timm")
     with tempfile.TemporaryDirectory(prefix="vl2v-bench-align-") as tmp:
         tmp = Path(tmp)
         root = make_dataset(tmp / "data", args.domains, args.classes, args.per_class, args.px, args.seed)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import tempfile
 import time
@@ -23,9 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import open_clip
-import torch
 
+from common import environment, start
 from vl2v.cache import load_targets
 from vl2v.data import all_splits, scan_dataset
 from vl2v.demo import digits
@@ -78,14 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "randomly initialised" notice
+    start(args.threads)
     recipe = TeacherRecipe(**args.recipe)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         data_root = digits.build_digits_dg(work / "data", args.per_class, seed=0)
-        env = {"torch": torch.__version__, "open_clip": open_clip.__version__,
-               "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}  # fmt: skip
+        env = environment("open_clip")
         rows = []
         for seed in args.seeds:
             rows.append(one_seed(work, data_root, seed, recipe))

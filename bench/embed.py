@@ -47,6 +47,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from common import environment, start
 from vl2v.cache import load_targets
 from vl2v.data import load_rgb, scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
@@ -59,16 +60,6 @@ TINY_VIT = {
 }
 DOMAINS = ("art", "photo", "sketch")
 CLASSES = ("cat", "dog", "horse", "sea_lion")
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def make_images(root: Path, n: int, px: int, seed: int = 0) -> Path:
@@ -387,13 +378,11 @@ def report(result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args.threads)
     if args.memory_child:
         return memory_child(*args.memory_child, args.batch_size, args.workers, args.trace)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "randomly initialised" notices
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment()}
+    result = {"settings": settings, "environment": environment("open_clip")}
     with tempfile.TemporaryDirectory(prefix="vl2v-bench-embed-") as tmp:
         if args.images:
             result["throughput"] = bench_throughput(args, Path(tmp))

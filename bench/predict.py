@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import tempfile
@@ -33,29 +32,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common import environment, start
 from vl2v.bundle import Preprocessing, load_bundle, run_bundle
 from vl2v.export import ExportedStudent, write_bundle
 from vl2v.student import create_student
 
 BUNDLES = {"torchscript": ("torchscript", None), "onnx": ("onnx", None), "onnx-int8": ("onnx", "int8")}
 VARIANTS = ("eager", *BUNDLES)
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def randomise_norms(model: torch.nn.Module) -> None:
@@ -199,10 +186,9 @@ def report(result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.getLogger().setLevel(logging.ERROR)
+    start(args.threads)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment()}
+    result = {"settings": settings, "environment": environment("timm", "onnxruntime")}
     result.update(bench(args))
     result["loadavg_end"] = os.getloadavg()
     report(result)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -35,7 +34,8 @@ import httpx
 import open_clip
 import torch
 
-from embed import environment, make_images, write_teacher_config
+from common import environment, start
+from embed import make_images, write_teacher_config
 from vl2v.cache import load_targets
 from vl2v.data import scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
@@ -159,11 +159,9 @@ def report(result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip's notices about weights
+    start(args.threads)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment()}
+    result = {"settings": settings, "environment": environment("open_clip")}
     with tempfile.TemporaryDirectory(prefix="vl2v-bench-remote-") as tmp:
         result["bench"] = bench(args, Path(tmp))
     result["loadavg_end"] = os.getloadavg()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import os
 import statistics
 import tempfile
@@ -45,11 +44,11 @@ from pathlib import Path
 import numpy as np
 
 import open_clip
-import timm
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from common import environment, start
 from vl2v.config import TrainConfig
 from vl2v.losses import adip_loss
 from vl2v.student import create_student
@@ -61,17 +60,6 @@ DESIGNS = ("cached", "views", "student", "online")
 # which, and the step right after the online teacher runs slower (its large activations have just
 # been freed): that bias once put cached 5% behind student.
 ORDERS = list(itertools.permutations(DESIGNS))
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "open_clip": open_clip.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def view_targets(rows: int, views: int, dim: int, folder: Path) -> ViewTargets:
@@ -275,10 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "randomly initialised" notice
-    env = environment()
+    start(args.threads)
+    env = environment("timm", "open_clip")
     folder = tempfile.TemporaryDirectory(prefix="vl2v-bench-train-")
     b = build(args, Path(folder.name))
     print(f"{args.stage}: {args.student} ({b['trainable_params']:,} trainable), batch "
