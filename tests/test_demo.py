@@ -39,6 +39,16 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     assert rerun["embedded_now"] == 0  # data, teacher and cache are reused: nothing paid twice
     assert rerun["results"] == summary["results"]
 
+    two = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path / "demo"), "--trials", "2", "--json"])
+    assert two.exit_code == 0, two.output
+    trials = json.loads(two.stdout)
+    assert trials["trials"] == [0, 1] and trials["embedded_now"] == 0  # trial 1 trained; trial 0 reused
+    for row, first in zip(trials["results"], summary["results"]):
+        for d in summary["domains"]:
+            assert len(row["domains"][d]["values"]) == 2 and row["domains"][d]["values"][0] == first["domains"][d]["values"][0]
+    assert "mean over 2 trials" in (runs / "report.md").read_text()
+    assert CliRunner().invoke(app, ["demo", "--quick", "--trials", "0"]).exit_code == 2
+
 
 def test_the_quick_demo_under_torchrun_prints_one_process_s_figures(tmp_path):
     """Two processes share the work (teacher beside student pretraining, then held-out domains) and

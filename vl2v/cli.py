@@ -516,6 +516,7 @@ def predict(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo's data, teacher and runs go.")] = Path("demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run (few images and steps) to check the wiring.")] = False,
+    trials: Annotated[int, typer.Option(help="Trial seeds 0..N-1 (DomainBed's trials: each another in/out split); the report shows the mean over the trials in WORKDIR.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """The built-in default: offline Digits-DG, a small CLIP teacher of our own, Align, Distill, SWAD, report."""
@@ -523,7 +524,9 @@ def demo(
     from vl2v.demo.run import QUICK, DemoConfig, run_demo
     from vl2v.tables import zero_shot_table
 
-    cfg = DemoConfig(workdir=workdir, **(QUICK if quick else {}))
+    if trials < 1:
+        raise UserError(f"--trials must be ≥ 1, not {trials}.")
+    cfg = DemoConfig(workdir=workdir, trials=trials, **(QUICK if quick else {}))
     with progress_bar("demo") as update:
         summary = run_demo(cfg, progress=update)
     if summary is None:  # under torchrun, rank 0 reports

@@ -71,13 +71,14 @@ def plain_summary(summary: dict) -> list[str]:
     return [
         f"Digits-DG: {summary['images']:,} real digit images in 4 domains ({', '.join(summary['domains'])}); "
         "each domain in turn was held out and never seen in training.",
-        f"Teacher (our small CLIP, zero-shot) on the held-out domains: {mean['teacher zero-shot']:.1f}% on average.",
+        f"Teacher (our small CLIP, zero-shot) on the held-out domains: {mean['teacher zero-shot']:.1f}% on average"
+        + (f"; every figure is the mean over {len(summary['trials'])} trials (in/out splits), their spread in the result rows." if len(summary["trials"]) > 1 else "."),
         f"Student ({summary['config']['student']}, pretrained on letters and symbols), average over held-out domains: "
         f"VL2V-ADiP Distill with SWAD {mean['Distill + SWAD']:.1f}% (Distill {mean['Distill']:.1f}%, Align {mean['Align']:.1f}%); "
         f"baselines at the same steps: ERM {mean['ERM']:.1f}% (SWAD {mean['ERM + SWAD']:.1f}%), KD {mean['KD']:.1f}% "
         f"(SWAD {mean['KD + SWAD']:.1f}%); chance 10%.",
         f"Teacher queries paid: {q['images']:,} images, {views['queries']:,} augmented views ({views['count']} per image) and {q['texts']} prompts, once; "
-        f"training ran {len(summary['config']['methods']) * len(summary['domains'])} student runs on those views without calling the teacher.",
+        f"training ran {len(summary['config']['methods']) * len(summary['domains']) * len(summary['trials'])} student runs on those views without calling the teacher.",
         "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ".",
     ]
 

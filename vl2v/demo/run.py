@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vl2v import pipeline
@@ -44,6 +45,7 @@ class DemoConfig:
     batch_size: int = 32
     methods: tuple[str, ...] = ("align", "distill", "erm", "kd")  # compared on the same data
     views: int = 8  # augmented views per image in the cache: every method trains on them
+    trials: int = 1  # trial seeds 0..N-1, each another in/out split; the report shows their mean
     # Align trains a linear projection on cached features: its steps cost little, so it has more
     # of them, and fewer checkpoints (each saves the whole student).
     align_steps: int = 500
@@ -117,23 +119,29 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict | None:
     clock.lap("embed")
     runs_root = work / "runs"
     experiment = pipeline.experiment_dir(data_root, cfg.student, runs_root)
-    for method in cfg.methods:  # the same splits, seeds, views and batches for every method
-        run_dir = pipeline.method_run_dir(experiment, 0, method)
-        start = get_method(method).starts_from
-        from_run = pipeline.method_run_dir(experiment, 0, start) if start else None
-        pipeline.train(data_root, TrainConfig(method=method, **cfg.train_flags(method, student)), run_dir, cache_dir, teacher, from_run, progress)
+    for trial in range(cfg.trials):  # DomainBed's trials: each its own in/out split
+        for method in cfg.methods:  # the same splits, seeds, views and batches for every method
+            run_dir = pipeline.method_run_dir(experiment, trial, method)
+            start = get_method(method).starts_from
+            from_run = pipeline.method_run_dir(experiment, trial, start) if start else None
+            flags = {**cfg.train_flags(method, student), "trial_seed": trial}
+            pipeline.train(data_root, TrainConfig(method=method, **flags), run_dir, cache_dir, teacher, from_run, progress)
     clock.lap("train")
     if not lead:
         return None
     targets = load_targets(cache_dir, index)
-    splits = all_splits(index, trial_seed=0)
+    # The teacher over the same trials as the methods' rows: every trial the runs folder holds.
+    trials = sorted(int(p.name.removeprefix("trial")) for p in experiment.glob("trial*"))
+    zero_shot = [teacher_zero_shot(targets, index, {d: s[f"env{i}_in"] for i, d in enumerate(index.domains)})
+                 for s in (all_splits(index, trial_seed=t) for t in trials)]
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "teacher": teacher,
         "domains": index.domains,
         "images": len(index.good),
         "views": targets.manifest.get("views"),
-        "teacher_zero_shot": teacher_zero_shot(targets, index, {d: splits[f"env{i}_in"] for i, d in enumerate(index.domains)}),
+        "trials": trials,
+        "teacher_zero_shot": {d: float(np.mean([z[d] for z in zero_shot])) for d in index.domains},
         "results": collect(runs_root / index.name),
         "queries": targets.manifest["queries"],
         "embedded_now": embedded.embedded,
