@@ -33,7 +33,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from common import environment, start
+from common import environment, settings, start, write_result
 from vl2v import pipeline, runs
 from vl2v.config import TrainConfig
 from vl2v.data import scan_dataset
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         diff = differences(tmp / "fast", tmp / "per-step", "env0")
     ratio = per_step["wall_seconds"] / fast["wall_seconds"]
     result = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings(args),
         "environment": {**env, "loadavg_end": os.getloadavg()},
         "per_step": {k: v for k, v in per_step.items() if k != "finals"},
         "fast": {k: v for k, v in fast.items() if k != "finals"},
@@ -143,8 +143,7 @@ def main(argv=None) -> None:
     print(f"per-step / fast: wall {ratio:.1f}× (target >= 20: {'met' if result['target_met'] else 'NOT met'}), cpu {result['ratio_cpu']:.1f}×; "
           f"max |diff| over {diff['records']} records {diff['max_abs_diff_records']:.1e}, weights {diff['max_abs_diff_weights']:.1e}")
     print(f"load average {env['loadavg_start']} -> {result['environment']['loadavg_end']}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

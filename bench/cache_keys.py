@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import write_result
 from vl2v import cache
 from vl2v.cache import load_dataset_targets
 from vl2v.data import hash_files, scan_dataset
@@ -162,8 +162,7 @@ def main(argv=None) -> None:
               f"copy after `vl2v embed` {ms['start_rekeyed']:.3f}")
     print(f"hashing alone {result['hash_only_mb_per_s']:.0f} MB/s; sha256 in memory {result['sha256_mb_per_s_in_memory']:.0f} MB/s")
     print(f"load average {result['loadavg_start']} -> {result['loadavg_end']}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ of the training-domain-validation model and of the SWAD model.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from common import environment, start
+from common import environment, start, write_result
 from vl2v import pipeline
 from vl2v.config import TrainConfig
 from vl2v.data import scan_dataset
@@ -112,8 +111,7 @@ def main(argv=None) -> None:
         result["variants"][name] = train_variant(name, inputs, args.workdir)
         for method, f in result["variants"][name].items():
             print(f"{name:24s} {method:8s} validation {f[SELECTIONS[0]]:.1f} / SWAD {f['SWAD']:.1f}  ({f['seconds']:.0f} s)", flush=True)
-    args.out.write_text(json.dumps({**result, "inputs": {k: str(v) for k, v in inputs.items()}}, indent=2))
-    print(f"wrote {args.out}")
+    write_result({**result, "inputs": inputs}, args.out)
 
 
 if __name__ == "__main__":

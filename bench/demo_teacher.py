@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import environment, start
+from common import environment, start, write_result
 from vl2v.cache import load_targets
 from vl2v.data import all_splits, scan_dataset
 from vl2v.demo import digits
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     print(f"spread over seeds (max - min): validation {spread['validation_avg']} points, held-out {spread['held_out_avg']} points")
     result = {"settings": {"recipe": asdict(recipe), "seeds": args.seeds, "per_class": args.per_class},
               "environment": env, "seeds": rows, "spread": spread}  # fmt: skip
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

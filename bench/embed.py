@@ -47,7 +47,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from common import environment, start
+from common import environment, settings, start, write_result
 from vl2v.cache import load_targets
 from vl2v.data import load_rgb, scan_dataset
 from vl2v.embed import EmbedConfig, embed_dataset
@@ -381,8 +381,7 @@ def main(argv=None) -> None:
     start(args.threads)
     if args.memory_child:
         return memory_child(*args.memory_child, args.batch_size, args.workers, args.trace)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment("open_clip")}
+    result = {"settings": settings(args), "environment": environment("open_clip")}
     with tempfile.TemporaryDirectory(prefix="vl2v-bench-embed-") as tmp:
         if args.images:
             result["throughput"] = bench_throughput(args, Path(tmp))
@@ -390,8 +389,7 @@ def main(argv=None) -> None:
             result["memory"] = bench_memory(args, Path(tmp))
     result["loadavg_end"] = os.getloadavg()
     report(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

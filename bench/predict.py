@@ -24,7 +24,6 @@ eager model on the batch-32 input (fp32 bundles: ≤ 1e-4 expected; int8: close,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import environment, start
+from common import environment, settings, start, write_result
 from vl2v.bundle import Preprocessing, load_bundle, run_bundle
 from vl2v.export import ExportedStudent, write_bundle
 from vl2v.student import create_student
@@ -187,13 +186,11 @@ def report(result: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start(args.threads)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment("timm", "onnxruntime")}
+    result = {"settings": settings(args), "environment": environment("timm", "onnxruntime")}
     result.update(bench(args))
     result["loadavg_end"] = os.getloadavg()
     report(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Target: remote ≥ 0.8 × local (images/s). The two caches must hold the same em
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import httpx
 import open_clip
 import torch
 
-from common import environment, start
+from common import environment, settings, start, write_result
 from embed import make_images, write_teacher_config
 from vl2v.cache import load_targets
 from vl2v.data import scan_dataset
@@ -160,14 +159,12 @@ def report(result: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     start(args.threads)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "environment": environment("open_clip")}
+    result = {"settings": settings(args), "environment": environment("open_clip")}
     with tempfile.TemporaryDirectory(prefix="vl2v-bench-remote-") as tmp:
         result["bench"] = bench(args, Path(tmp))
     result["loadavg_end"] = os.getloadavg()
     report(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import tempfile
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from common import environment, start
+from common import environment, settings, start, write_result
 from vl2v.config import TrainConfig
 from vl2v.losses import adip_loss
 from vl2v.student import create_student
@@ -272,7 +271,7 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} threads", flush=True)
     times, swad, load = run_rounds(args, b)
     result = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings(args),
         "environment": {**env, "loadavg_1min_per_round": load, "loadavg_end": os.getloadavg()},
         "trainable_params": b["trainable_params"],
         **summarise(times, swad, target_overhead(b)),
@@ -294,9 +293,8 @@ def main(argv=None) -> None:
     print(f"SWAD update {result['swad_update_seconds'] * 1e3:.0f} ms/step "
           f"({result['swad_update_over_cached']:.1%} of a cached step)")
     print(f"load average {env['loadavg_start']} -> {result['environment']['loadavg_end']}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     folder.cleanup()
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import settings, write_result
+
 DOMAINNET = 586_575
 
 
@@ -180,7 +182,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child(int(args.child[0]), args.views, args.dim, args.shard_rows, args.batches, args.batch, args.child[1])
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "loadavg_start": os.getloadavg(), "sizes": {}}
+    result = {"settings": settings(args), "loadavg_start": os.getloadavg(), "sizes": {}}
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="vl2v-bench-views-") as tmp:
             r = run_child(n, args, Path(tmp))
@@ -197,8 +199,7 @@ def main(argv=None) -> None:
           f"{result['anon_kb_per_image']['gather']:.3f} KB -> DomainNet ({DOMAINNET:,} images, {result['domainnet_fp16_gb']:.1f} GB fp16, "
           f"{result['domainnet_fp32_gb']:.1f} GB as fp32): gather about {result['domainnet_gather_anon_mb_extrapolated']:.0f} MB, consolidation "
           f"about {result['domainnet_load_anon_mb_extrapolated']:.0f} MB (target flat: {'met' if result['target_met'] else 'NOT met'})")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

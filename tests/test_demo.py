@@ -9,6 +9,7 @@ import sys
 
 from typer.testing import CliRunner
 
+from test_distributed import torchrun
 from vl2v.cli import app
 
 
@@ -53,12 +54,12 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
 def test_the_quick_demo_under_torchrun_prints_one_process_s_figures(tmp_path):
     """Two processes share the work (teacher beside student pretraining, then held-out domains) and
     rank 0 alone reports the same results as one process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VL2V_CACHE": str(tmp_path / "cache")}
+    cache = {"VL2V_CACHE": str(tmp_path / "cache")}
     args = ["demo", "--quick", "--json"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vl2v"]
-    two = subprocess.run([*launcher, *args, "--workdir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    two = torchrun([*args, "--workdir", str(tmp_path / "two")], tmp_path, cache)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "vl2v", *args, "--workdir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "vl2v", *args, "--workdir", str(tmp_path / "one")], env={**os.environ, "OMP_NUM_THREADS": "1", **cache},
+                         capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     summary2, summary1 = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document: rank 0's
     assert (summary2["processes"], summary1["processes"]) == (2, 1)
